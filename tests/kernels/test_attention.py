@@ -1,0 +1,197 @@
+"""Paged KV-cache write and paged attention: reference and Triton against a naive dense attention."""
+
+import math
+
+import pytest
+import torch
+
+from tokenmill.kernels import attention as attn
+
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def make_batch(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, device="cpu", seed=0):
+    """Random paged caches for sequences ``specs`` = [(q_len, seq_len), ...] on shuffled blocks.
+
+    Every slot of the caches starts as garbage; only each sequence's positions are written, so a
+    kernel reading a slot it should not read gives a wrong answer.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-seq_len // block_size) for _, seq_len in specs]
+    num_blocks = sum(blocks_per_seq) + 3
+    max_blocks = max(blocks_per_seq) + 1
+    order = torch.randperm(num_blocks, generator=gen)
+    # Padding entries point at arbitrary (garbage-holding) blocks.
+    block_tables = torch.randint(0, num_blocks, (len(specs), max_blocks), generator=gen, dtype=torch.int32)
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen) * 5
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen) * 5
+    keys, values, next_block = [], [], 0
+    for s, (q_len, seq_len) in enumerate(specs):
+        table = order[next_block : next_block + blocks_per_seq[s]]
+        next_block += blocks_per_seq[s]
+        block_tables[s, : len(table)] = table.to(torch.int32)
+        pos = torch.arange(seq_len)
+        slots = table[pos // block_size] * block_size + pos % block_size  # [seq_len]
+        seq_keys = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen)  # [seq_len, Hkv, D]
+        seq_values = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen)
+        k_cache.view(-1, num_kv_heads, head_dim)[slots] = seq_keys
+        v_cache.view(-1, num_kv_heads, head_dim)[slots] = seq_values
+        keys.append(seq_keys.to(dtype))
+        values.append(seq_values.to(dtype))
+    q_lens = [q_len for q_len, _ in specs]
+    query = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype)  # [T, Hq, D]
+    return dict(
+        query=query.to(device),
+        k_cache=k_cache.to(dtype).to(device),
+        v_cache=v_cache.to(dtype).to(device),
+        block_tables=block_tables.to(device),
+        seq_lens=torch.tensor([seq_len for _, seq_len in specs], dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(device),
+        scale=head_dim**-0.5,
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_len for _, seq_len in specs),
+    ), (keys, values)
+
+
+def naive_attention(batch, dense, sliding_window=None):
+    """Dense causal attention per sequence, in float64, from the sequences' own keys/values."""
+    keys, values = dense
+    query = batch["query"].cpu().double()
+    starts = batch["query_start_loc"].tolist()
+    group = query.shape[1] // keys[0].shape[1]
+    out = torch.zeros_like(query)
+    for s, (seq_keys, seq_values) in enumerate(zip(keys, values)):
+        q = query[starts[s] : starts[s + 1]]  # [q_len, Hq, D]
+        k = seq_keys.double().repeat_interleave(group, 1)  # [L, Hq, D]
+        v = seq_values.double().repeat_interleave(group, 1)
+        seq_len, q_len = k.shape[0], q.shape[0]
+        q_pos = torch.arange(seq_len - q_len, seq_len)[:, None]  # [q_len, 1]
+        k_pos = torch.arange(seq_len)[None, :]  # [1, L]
+        allowed = k_pos <= q_pos
+        if sliding_window is not None:
+            allowed &= k_pos > q_pos - sliding_window
+        scores = torch.einsum("qhd,khd->hqk", q, k) * batch["scale"]  # [Hq, q_len, L]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[starts[s] : starts[s + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    return out
+
+
+DECODE = [(1, 7), (1, 33), (1, 1), (1, 20)]
+PREFILL = [(9, 9), (17, 17), (1, 1)]
+MIXED = [(1, 40), (6, 23), (1, 5), (12, 12), (3, 35)]  # prefix in cache: q_len < seq_len
+LAYOUTS = {"decode": DECODE, "prefill": PREFILL, "mixed": MIXED}
+
+
+def check(out, batch, dense, dtype, sliding_window=None):
+    expected = naive_attention(batch, dense, sliding_window)
+    assert out.shape == batch["query"].shape and out.dtype == dtype
+    torch.testing.assert_close(out.cpu().double(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+# ----------------------------------------------------------------------------------------------
+# torch reference
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+def test_reference_matches_naive(layout, group, block_size):
+    batch, dense = make_batch(LAYOUTS[layout], 2 * group, 2, 32, block_size, torch.float32)
+    check(attn.paged_attention_reference(**batch), batch, dense, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_low_precision(dtype):
+    batch, dense = make_batch(MIXED, 6, 2, 64, 16, dtype)
+    check(attn.paged_attention_reference(**batch), batch, dense, dtype)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("window", [1, 4, 16])
+def test_reference_sliding_window(layout, window):
+    batch, dense = make_batch(LAYOUTS[layout], 4, 2, 32, 16, torch.float32)
+    out = attn.paged_attention_reference(**batch, sliding_window=window)
+    check(out, batch, dense, torch.float32, sliding_window=window)
+
+
+def test_sliding_window_changes_the_answer():
+    batch, dense = make_batch(MIXED, 4, 2, 32, 16, torch.float32)
+    full = attn.paged_attention_reference(**batch)
+    windowed = attn.paged_attention_reference(**batch, sliding_window=4)
+    assert not torch.allclose(full, windowed)
+
+
+def test_dispatch_on_cpu_is_reference():
+    batch, _ = make_batch(MIXED, 4, 2, 32, 16, torch.float32)
+    torch.testing.assert_close(attn.paged_attention(**batch), attn.paged_attention_reference(**batch), atol=0, rtol=0)
+
+
+def test_rejects_bad_head_counts():
+    batch, _ = make_batch(DECODE, 4, 2, 32, 16, torch.float32)
+    batch["query"] = batch["query"][:, :3]
+    with pytest.raises(ValueError, match="num_heads=3"):
+        attn.paged_attention_reference(**batch)
+
+
+def write_case(seed=0, dtype=torch.float32, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks, block_size, num_kv_heads, head_dim, num_tokens = 6, 4, 3, 24, 10
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)  # [T, Hkv, D]
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[[2, 7]] = -1
+    tensors = [key, value, k_cache, v_cache, slots]
+    return [t.to(device) for t in tensors]
+
+
+def check_write(write, device="cpu", dtype=torch.float32):
+    key, value, k_cache, v_cache, slots = write_case(dtype=dtype, device=device)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    write(key, value, k_cache, v_cache, slots)
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    kept = slots >= 0
+    assert torch.equal(flat_k[slots[kept]], key[kept]) and torch.equal(flat_v[slots[kept]], value[kept])
+    untouched = torch.ones(flat_k.shape[0], dtype=torch.bool, device=device)
+    untouched[slots[kept]] = False
+    assert torch.equal(flat_k[untouched], k_before.view_as(flat_k)[untouched])
+    assert torch.equal(flat_v[untouched], v_before.view_as(flat_v)[untouched])
+
+
+def test_write_kv_cache_reference_skips_negative_slots():
+    check_write(attn.write_kv_cache_reference)
+
+
+def test_write_then_attend_prefill_then_decode():
+    """Prefill writes a prompt, decode appends one token: same answer as attending to it all at once."""
+    num_kv_heads, head_dim, block_size, prompt_len = 2, 32, 4, 10
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(prompt_len + 1, num_kv_heads, head_dim, generator=gen)
+    values = torch.randn(prompt_len + 1, num_kv_heads, head_dim, generator=gen)
+    query = torch.randn(prompt_len + 1, 4, head_dim, generator=gen)
+    k_cache = torch.zeros(5, block_size, num_kv_heads, head_dim)
+    v_cache = torch.zeros_like(k_cache)
+    table = torch.tensor([[3, 0, 4]], dtype=torch.int32)
+    pos = torch.arange(prompt_len + 1)
+    slots = table[0, pos // block_size].long() * block_size + pos % block_size
+    common = dict(k_cache=k_cache, v_cache=v_cache, block_tables=table, scale=0.2)
+    attn.write_kv_cache(keys[:prompt_len], values[:prompt_len], k_cache, v_cache, slots[:prompt_len])
+    prefill = attn.paged_attention(
+        query[:prompt_len], seq_lens=torch.tensor([prompt_len], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, prompt_len], dtype=torch.int32),
+        max_query_len=prompt_len, max_seq_len=prompt_len, **common,
+    )
+    attn.write_kv_cache(keys[prompt_len:], values[prompt_len:], k_cache, v_cache, slots[prompt_len:])
+    decode = attn.paged_attention(
+        query[prompt_len:], seq_lens=torch.tensor([prompt_len + 1], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, 1], dtype=torch.int32), max_query_len=1, max_seq_len=prompt_len + 1,
+        **common,
+    )
+    full = torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(0, 1), keys.repeat_interleave(2, 1).transpose(0, 1),
+        values.repeat_interleave(2, 1).transpose(0, 1), is_causal=True, scale=0.2,
+    ).transpose(0, 1)  # [prompt_len + 1, Hq, D]
+    torch.testing.assert_close(torch.cat([prefill, decode]), full, atol=1e-5, rtol=1e-5)
