@@ -158,6 +158,12 @@ class SamplingParams:
             raise _bad("seed", self.seed, "an integer in [0, 2**63) or None")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise _bad("logprobs", self.logprobs, "an integer in [0, 20] or None")
+        if self.num_return_sequences > 1 and not self.do_sample and self.num_beams == 1:
+            raise _bad(
+                "num_return_sequences",
+                self.num_return_sequences,
+                "1 for greedy decoding (set do_sample=True or num_beams >= num_return_sequences)",
+            )
         if self.num_beams > 1 and (self.stop or self.presence_penalty or self.frequency_penalty):
             raise _bad("num_beams", self.num_beams, "1 when stop strings or presence/frequency penalties are set")
 
@@ -202,7 +208,13 @@ class SamplingParams:
         Unknown override names raise ValueError; GenerationConfig fields tokenmill does not
         model are ignored only when they hold their default (otherwise rejected).
         """
-        source = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+        # Only the fields the config sets explicitly (HF's own defaults, e.g. max_length=20, stay ours).
+        if hasattr(config, "to_diff_dict"):
+            source = config.to_diff_dict()
+        elif hasattr(config, "to_dict"):
+            source = config.to_dict()
+        else:
+            source = dict(config or {})
         names = cls.field_names()
         unknown = set(overrides) - names
         if unknown:

@@ -1,0 +1,73 @@
+"""tokenmill's attention inside HF models: registered with transformers' AttentionInterface.
+
+The model is loaded with `attn_implementation="tokenmill"`; every attention layer then calls
+`paged_attention_forward`, which writes the step's keys/values into the paged cache and attends
+over each sequence's blocks. The step's metadata reaches it as the `tokenmill_context` keyword
+that the model forward passes down to attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+
+from tokenmill.kernels.attention import paged_attention, write_kv_cache
+
+ATTN_IMPLEMENTATION = "tokenmill"
+
+
+@dataclass
+class AttentionContext:
+    k_caches: list[torch.Tensor]  # per layer: [num_blocks, block_size, num_kv_heads, head_dim]
+    v_caches: list[torch.Tensor]
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32, context length including this step's tokens
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    max_query_len: int
+    max_seq_len: int
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, num_heads, num_tokens, head_dim]
+    key: torch.Tensor,  # [1, num_kv_heads, num_tokens, head_dim]
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    tokenmill_context: AttentionContext | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    ctx = tokenmill_context
+    if ctx is None:
+        raise RuntimeError("tokenmill attention called without a tokenmill_context (run the model through ModelRunner)")
+    layer = module.layer_idx
+    q = query[0].transpose(0, 1)  # [num_tokens, num_heads, head_dim]
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    write_kv_cache(k, v, ctx.k_caches[layer], ctx.v_caches[layer], ctx.slot_mapping)
+    if scaling is None:
+        scaling = q.shape[-1] ** -0.5
+    out = paged_attention(
+        q,
+        ctx.k_caches[layer],
+        ctx.v_caches[layer],
+        ctx.block_tables,
+        ctx.seq_lens,
+        ctx.query_start_loc,
+        scaling,
+        ctx.max_query_len,
+        ctx.max_seq_len,
+        sliding_window=sliding_window,
+    )
+    return out.unsqueeze(0), None  # [1, num_tokens, num_heads, head_dim]
+
+
+def register_attention() -> str:
+    """Make `attn_implementation="tokenmill"` known to transformers (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+    return ATTN_IMPLEMENTATION

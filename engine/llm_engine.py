@@ -1,0 +1,306 @@
+"""LLMEngine: requests in, one schedule -> run -> update step at a time, RequestOutputs out."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from tokenmill.engine.attention_backend import register_attention
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.errors import QueueFullError
+from tokenmill.engine.model_loader import LoadedModel, load_model
+from tokenmill.engine.model_runner import ModelRunner, kv_bytes_per_block
+from tokenmill.engine.output_processor import request_output
+from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.engine.scheduler import ScheduledBatch, Scheduler, group_max_seqs
+from tokenmill.engine.sequence import SequenceGroup
+from tokenmill.engine.step_update import StepUpdater
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN_CAP = 4096
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_total_blocks: int
+    num_preemptions_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    prefix_cache_hit_blocks_total: int
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype == "auto":
+        return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if dtype not in names:
+        raise ValueError(f"dtype={dtype!r} is invalid: allowed 'auto', {', '.join(map(repr, names))}")
+    return dev, names[dtype]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        device, dtype = resolve_device_dtype(config.model.device, config.model.dtype)
+        if loaded is None:
+            loaded = load_model(
+                config.model.model,
+                device=device,
+                dtype=dtype,
+                cache_dir=config.model.cache_dir,
+                attn_implementation=register_attention(),
+            )
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.generation_config = loaded.generation_config
+        self.model_name = config.model.model or "SmolLM2-135M-Instruct"
+        self.max_model_len = self._resolve_max_model_len(config, loaded)
+        self.scheduler_config = SchedulerConfig(**{**config.scheduler.__dict__, "max_model_len": self.max_model_len})
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+
+        num_blocks = self._num_kv_blocks(config.cache, device, dtype)
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=config.cache.block_size)
+        self.updater = StepUpdater(self.block_manager, self.max_model_len)
+        capacity = num_blocks * config.cache.block_size
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len=%d: %.2fx",
+            num_blocks,
+            config.cache.block_size,
+            capacity,
+            self.max_model_len,
+            capacity / self.max_model_len,
+        )
+        self.requests: dict[str, SequenceGroup] = {}
+        self.rng = random.Random(config.model.seed)  # seeds for requests that bring none
+        self.seq_ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_args(
+        cls,
+        model: str | None = None,
+        *,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        num_kv_blocks: int | None = None,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        max_waiting_requests: int | None = None,
+        kv_cache_memory_bytes: int = 512 * 1024**2,
+        gpu_memory_utilization: float = 0.85,
+        dtype: str = "auto",
+        device: str = "auto",
+        cache_dir: str | None = None,
+        seed: int = 0,
+        loaded: LoadedModel | None = None,
+    ) -> "LLMEngine":
+        config = EngineConfig(
+            model=ModelConfig(
+                model=model, dtype=dtype, device=device, cache_dir=cache_dir, max_model_len=max_model_len, seed=seed
+            ),
+            cache=CacheConfig(
+                block_size=block_size,
+                num_kv_blocks=num_kv_blocks,
+                kv_cache_memory_bytes=kv_cache_memory_bytes,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=max_model_len or max_num_batched_tokens,
+                enable_chunked_prefill=enable_chunked_prefill,
+                max_waiting_requests=max_waiting_requests,
+            ),
+        )
+        return cls(config, loaded)
+
+    @staticmethod
+    def _resolve_max_model_len(config: EngineConfig, loaded: LoadedModel) -> int:
+        limit = loaded.max_model_len
+        asked = config.model.max_model_len
+        if asked is None:
+            return min(limit, DEFAULT_MAX_MODEL_LEN_CAP)
+        if asked > limit:
+            raise ValueError(f"max_model_len={asked} is invalid: allowed at most the model's limit {limit}")
+        return asked
+
+    def _num_kv_blocks(self, cache: CacheConfig, device: torch.device, dtype: torch.dtype) -> int:
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
+        per_block = kv_bytes_per_block(self.model.config, cache.block_size, dtype)
+        if device.type != "cuda":
+            return max(1, cache.kv_cache_memory_bytes // per_block)
+        # Profile a forward at the largest batch, then give the cache what is left of the budget.
+        tokens = self.scheduler_config.max_num_batched_tokens
+        probe = ModelRunner(self.model, num_blocks=-(-tokens // cache.block_size), block_size=cache.block_size)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        probe.profile_run(tokens)
+        peak = torch.cuda.max_memory_allocated(device) - sum(c.numel() * c.element_size() for c in probe.k_caches) * 2
+        del probe
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(device).total_memory
+        budget = int(total * cache.gpu_memory_utilization) - peak
+        if budget < per_block:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache (peak {peak / 2**30:.2f} GiB of {total / 2**30:.2f} GiB); "
+                "raise gpu_memory_utilization or lower max_num_batched_tokens"
+            )
+        return budget // per_block
+
+    # ------------------------------------------------------------------ requests
+    def default_sampling_params(self) -> SamplingParams:
+        return SamplingParams.from_generation_config(self.generation_config)
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request_id={request_id!r} is invalid: a request with this id is already running")
+        params = params or self.default_sampling_params()
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            token_ids = self.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
+        else:
+            text = None
+            token_ids = [int(t) for t in prompt]
+        self._validate_prompt(token_ids)
+        max_new = params.max_tokens_for(len(token_ids))
+        if max_new is None:
+            max_new = self.max_model_len - len(token_ids)
+        elif max_new < 1:
+            raise ValueError(
+                f"max_length={params.max_length} is invalid: allowed more than the prompt's {len(token_ids)} tokens"
+            )
+        if len(token_ids) + max_new > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(token_ids)} tokens) + max_new_tokens ({max_new}) = {len(token_ids) + max_new} "
+                f"exceeds max_model_len ({self.max_model_len})"
+            )
+        bound = self.scheduler_config.max_waiting_requests
+        if bound is not None and len(self.scheduler.waiting) >= bound:
+            raise QueueFullError(f"the waiting queue is full ({bound} requests); retry later")
+        eos = () if params.ignore_eos else (params.eos_token_ids or self._model_eos_ids())
+        group = SequenceGroup(
+            request_id,
+            text,
+            token_ids,
+            params,
+            eos_token_ids=eos,
+            max_new_tokens=max_new,
+            min_new_tokens=params.min_tokens_for(len(token_ids)),
+            seed=params.seed if params.seed is not None else self.rng.getrandbits(63),
+            seq_ids=self.seq_ids,
+        )
+        blocks = self.block_manager.num_blocks_for(len(token_ids) + max_new) * group_max_seqs(group)
+        if blocks > self.block_manager.num_blocks:
+            raise ValueError(
+                f"request needs up to {blocks} KV blocks ({group_max_seqs(group)} sequences of "
+                f"{len(token_ids) + max_new} tokens) but the whole cache has {self.block_manager.num_blocks}; "
+                "lower max_new_tokens or num_beams/num_return_sequences, or raise num_kv_blocks"
+            )
+        self.updater.prepare_group(group, self.tokenizer)
+        self.requests[request_id] = group
+        self.scheduler.add(group)
+        self.prompt_tokens_total += len(token_ids)
+
+    def _validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("prompt is empty: allowed a non-empty string or list of token ids")
+        if min(token_ids) < 0 or max(token_ids) >= self.vocab_size:
+            bad = next(t for t in token_ids if t < 0 or t >= self.vocab_size)
+            raise ValueError(f"prompt token id {bad} is invalid: allowed 0 <= id < {self.vocab_size}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens: allowed fewer than max_model_len ({self.max_model_len})"
+            )
+
+    def _model_eos_ids(self) -> tuple[int, ...]:
+        eos = self.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return ()
+        return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            group = self.requests.pop(rid, None)
+            if group is not None:
+                group.aborted = True
+                self.scheduler.remove(group)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        try:
+            logits = self.runner.run(batch)
+            outputs = self.updater.update(batch, logits)
+        except Exception as exc:  # a fault inside the model or sampler fails this batch only
+            logger.exception("engine step failed")
+            outputs = self._fail(batch, exc)
+        for out in outputs:
+            if out.finished:
+                group = self.requests.pop(out.request_id, None)
+                if group is not None:
+                    self.scheduler.remove(group)
+        self.generation_tokens_total += self.updater.take_num_new_tokens()
+        return outputs
+
+    def _fail(self, batch: ScheduledBatch, exc: Exception) -> list[RequestOutput]:
+        outputs = []
+        for group in batch.groups:
+            group.error = f"{type(exc).__name__}: {exc}"
+            for seq in group.seqs:
+                seq.finish_reason = "error"
+            outputs.append(request_output(group, finished=True))
+        return outputs
+
+    def get_stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage,
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+            num_preemptions_total=self.scheduler.num_preemptions_total,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            prefix_cache_hit_blocks_total=bm.num_cache_hits,
+        )
+
+    @property
+    def kv_cache_capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.block_manager.block_size
+
+
+__all__ = ["LLMEngine", "EngineStats"]

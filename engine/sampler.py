@@ -1,0 +1,106 @@
+"""Next tokens for the non-beam rows of a step: processors -> warpers/filters -> draw (kernels)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.engine.logits_processors import RowInput, apply_processors, apply_warpers
+from tokenmill.kernels.sampling import sample
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, sample index) over 63 bits
+
+
+def row_seed(request_seed: int, sample_index: int) -> int:
+    """The Philox seed of one sample of a request (n samples of one request draw independently)."""
+    return (request_seed + sample_index * _SEED_MIX) % (2**63)
+
+
+@dataclass
+class SampleRow:
+    row: RowInput
+    logits_index: int  # row of the step's logits
+    seed: int
+    offset: int  # Philox counter: the position of the token being drawn
+
+    @property
+    def needs_extra_warpers(self) -> bool:
+        p = self.row.params
+        return p.do_sample and (p.typical_p < 1.0 or p.epsilon_cutoff > 0 or p.eta_cutoff > 0)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float] | None]
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
+        device = logits.device
+        index = torch.tensor([r.logits_index for r in rows], dtype=torch.int64, device=device)
+        x = logits.index_select(0, index)  # [num_rows, vocab], a copy the processors may change in place
+        inputs = [r.row for r in rows]
+        x = apply_processors(x, inputs)
+
+        params = [r.params for r in inputs]
+        extra = [i for i, r in enumerate(rows) if r.needs_extra_warpers]
+        temperature = [p.temperature if p.do_sample else 1.0 for p in params]
+        top_k = [p.top_k if p.do_sample else 0 for p in params]
+        top_p = [p.top_p if p.do_sample else 1.0 for p in params]
+        min_p = [(p.min_p or 0.0) if p.do_sample else 0.0 for p in params]
+        if extra:
+            # typical/epsilon/eta follow top-p/min-p in HF's order: filter those rows fully first,
+            # then let the kernel only draw from them.
+            sel = torch.tensor(extra, device=device)
+            x[sel] = apply_warpers(x[sel], [inputs[i] for i in extra])
+            for i in extra:
+                temperature[i], top_k[i], top_p[i], min_p[i] = 1.0, 0, 1.0, 0.0
+
+        def t(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        token_ids, logprobs = sample(
+            x,
+            t(temperature, torch.float32),
+            t(top_k, torch.int32),
+            t(top_p, torch.float32),
+            t(min_p, torch.float32),
+            t([r.seed for r in rows], torch.int64),
+            t([r.offset for r in rows], torch.int64),
+            t([not p.do_sample for p in params], torch.bool),
+        )
+        top = self._top_logprobs(x, rows, token_ids)
+        return SamplerOutput(token_ids.tolist(), logprobs.tolist(), top)
+
+    def _top_logprobs(
+        self, x: torch.Tensor, rows: list[SampleRow], token_ids: torch.Tensor
+    ) -> list[dict[int, float] | None]:
+        """The chosen token's and the top-k log-probabilities of the processed distribution, where asked."""
+        out: list[dict[int, float] | None] = [None] * len(rows)
+        asked = [i for i, r in enumerate(rows) if r.row.params.logprobs is not None]
+        if not asked:
+            return out
+        sel = torch.tensor(asked, device=x.device)
+        inputs = [rows[i].row for i in asked]
+        warped = apply_warpers(x[sel].clone(), inputs)
+        greedy = torch.tensor([not r.params.do_sample for r in inputs], device=x.device)
+        dist = torch.where(greedy[:, None], x[sel], warped).log_softmax(-1)  # [num_asked, vocab]
+        k = max(rows[i].row.params.logprobs for i in asked)
+        top_vals, top_ids = dist.topk(max(k, 1), dim=-1)
+        chosen = dist.gather(1, token_ids[sel].unsqueeze(1)).squeeze(1)
+        top_vals, top_ids, chosen, chosen_ids = (
+            top_vals.tolist(),
+            top_ids.tolist(),
+            chosen.tolist(),
+            token_ids[sel].tolist(),
+        )
+        for j, i in enumerate(asked):
+            n = rows[i].row.params.logprobs
+            entry = {chosen_ids[j]: chosen[j]}
+            for tok, val in zip(top_ids[j][:n], top_vals[j][:n]):
+                entry.setdefault(tok, val)
+            out[i] = entry
+        return out

@@ -1,0 +1,185 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.config import SchedulerConfig
+from tokenmill.engine.sequence import Sequence, SequenceGroup
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: for each sequence, the next `num_new_tokens` of its tokens run through the model."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    groups: list[SequenceGroup] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) copy-on-write before the run
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    def samples(self, i: int) -> bool:
+        """Whether sequence i reaches its last token this step (so its logits are needed)."""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+
+
+def group_max_seqs(group: SequenceGroup) -> int:
+    """How many sequences the request may hold at once (its share of max_num_seqs)."""
+    return max(group.params.num_beams, group.params.num_return_sequences, len(group.seqs))
+
+
+class Scheduler:
+    """Waiting and running queues; each step admits prefills and runs decodes under the budgets.
+
+    Running requests go first, oldest first. When blocks run out, the newest running request is
+    preempted (its blocks freed, to be recomputed later) until the older ones fit. New requests
+    join only in steps without preemption, first come first served.
+    """
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []
+        self.num_preemptions_total = 0
+
+    # ------------------------------------------------------------------ queues
+    def add(self, group: SequenceGroup) -> None:
+        self.waiting.append(group)
+
+    def remove(self, group: SequenceGroup) -> None:
+        """Take a request out of the queues and free all its blocks (finish or abort)."""
+        if group in self.running:
+            self.running.remove(group)
+        elif group in self.waiting:
+            self.waiting.remove(group)
+        for seq in group.seqs:
+            self.block_manager.free(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        num_seqs = 0
+
+        still_running: list[SequenceGroup] = []
+        queue = list(self.running)
+        while queue:
+            group = queue.pop(0)
+            plan = self._plan(group, budget, nothing_scheduled=batch.is_empty)
+            if plan is None:  # over the token budget this step: wait for the next one
+                still_running.append(group)
+                continue
+            while not self._can_allocate(group, plan):
+                if not queue:
+                    victim = group  # nothing newer to evict: this one waits
+                else:
+                    victim = queue.pop()
+                self._preempt(victim)
+                batch.num_preempted += 1
+                if victim is group:
+                    break
+            else:
+                self._allocate(group, plan, batch)
+                budget -= sum(plan)
+                num_seqs += group_max_seqs(group)
+                still_running.append(group)
+        self.running = still_running
+
+        if not batch.num_preempted:
+            while self.waiting:
+                group = self.waiting[0]
+                if num_seqs + group_max_seqs(group) > self.config.max_num_seqs:
+                    break
+                cached = self._lookup_prefix(group)
+                plan = self._plan(group, budget, nothing_scheduled=batch.is_empty, cached=cached)
+                if plan is None or not self._can_allocate(group, plan, cached):
+                    break
+                self.waiting.popleft()
+                self._allocate(group, plan, batch, cached)
+                if group.num_cached_tokens == 0:
+                    group.num_cached_tokens = sum(len(c[0]) for c in cached) * self.block_manager.block_size
+                budget -= sum(plan)
+                num_seqs += group_max_seqs(group)
+                self.running.append(group)
+        batch.block_copies = self.block_manager.take_pending_copies()
+        return batch
+
+    def _plan(
+        self,
+        group: SequenceGroup,
+        budget: int,
+        *,
+        nothing_scheduled: bool,
+        cached: list[tuple[list[int], list[int]]] | None = None,
+    ) -> list[int] | None:
+        """Tokens to run for each of the group's sequences, or None if it must wait for budget."""
+        bs = self.block_manager.block_size
+        needs = [
+            s.num_uncomputed_tokens - (len(cached[i][0]) * bs if cached else 0) for i, s in enumerate(group.seqs)
+        ]
+        if len(needs) == 1:
+            # A lone sequence may be chunked (long prompts prefill over several steps).
+            if needs[0] <= budget:
+                return needs
+            if self.config.enable_chunked_prefill and budget > 0:
+                return [budget]
+            return needs if nothing_scheduled else None
+        # Several sequences (samples or beams) step together, whole.
+        total = sum(needs)
+        if total <= budget or nothing_scheduled:
+            return needs
+        return None
+
+    def _lookup_prefix(self, group: SequenceGroup) -> list[tuple[list[int], list[int]]]:
+        return [self.block_manager.find_cached_prefix(s) for s in group.seqs]
+
+    def _can_allocate(
+        self, group: SequenceGroup, plan: list[int], cached: list[tuple[list[int], list[int]]] | None = None
+    ) -> bool:
+        bm = self.block_manager
+        needed = sum(
+            bm.num_blocks_needed(seq, plan[i], cached[i][0] if cached else []) for i, seq in enumerate(group.seqs)
+        )
+        return needed <= bm.num_free_blocks
+
+    def _allocate(
+        self,
+        group: SequenceGroup,
+        plan: list[int],
+        batch: ScheduledBatch,
+        cached: list[tuple[list[int], list[int]]] | None = None,
+    ) -> None:
+        for i, seq in enumerate(group.seqs):
+            if cached:
+                self.block_manager.allocate(seq, plan[i], *cached[i])
+            else:
+                self.block_manager.allocate(seq, plan[i])
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(plan[i])
+        batch.groups.append(group)
+
+    def _preempt(self, group: SequenceGroup) -> None:
+        """Free the group's blocks; it goes back to the front of the queue and is recomputed later."""
+        if group in self.running:
+            self.running.remove(group)
+        for seq in group.seqs:
+            self.block_manager.free(seq)
+            seq.num_computed_tokens = 0
+        self.waiting.appendleft(group)
+        self.num_preemptions_total += 1
