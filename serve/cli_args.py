@@ -1,0 +1,46 @@
+"""Engine options shared by the CLI subcommands (flags -> LLMEngine.from_args keywords)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--max-num-seqs", type=int, default=64, help="Sequences in a batch at most (default 64).")
+    group.add_argument("--max-num-batched-tokens", type=int, default=2048, help="Token budget per step (default 2048).")
+    group.add_argument("--max-model-len", type=int, default=None,
+                       help="Context length (default: the model's, capped at 4096).")
+    group.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory).")
+    group.add_argument("--block-size", type=int, default=16, help="Tokens per KV block (default 16).")
+    group.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                       help="KV cache budget on CPU in GiB (default 0.5).")
+    group.add_argument("--max-waiting-requests", type=int, default=None,
+                       help="Bound on the waiting queue; more requests get HTTP 429 (default: unbounded).")
+    group.add_argument("--no-prefix-caching", action="store_true", help="Disable prefix caching.")
+    group.add_argument("--no-chunked-prefill", action="store_true", help="Disable chunked prefill.")
+    group.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    group.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto).")
+    group.add_argument("--cache-dir", default=None, help="Converted-weights cache (default ~/.cache/tokenmill).")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_model_len": args.max_model_len,
+        "num_kv_blocks": args.num_kv_blocks,
+        "block_size": args.block_size,
+        "max_waiting_requests": args.max_waiting_requests,
+        "enable_prefix_caching": not args.no_prefix_caching,
+        "enable_chunked_prefill": not args.no_chunked_prefill,
+        "dtype": args.dtype,
+        "device": args.device,
+        "cache_dir": args.cache_dir,
+        "seed": args.seed,
+    }
+    if args.kv_cache_memory_gb is not None:
+        kwargs["kv_cache_memory_bytes"] = int(args.kv_cache_memory_gb * 1024**3)
+    return kwargs
