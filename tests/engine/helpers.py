@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -50,7 +51,7 @@ def tiny_pair(arch: str, seed: int = 0) -> tuple[LoadedModel, torch.nn.Module]:
     ref = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     ref.generation_config.eos_token_id = None
     ref.generation_config.pad_token_id = 0
-    ours = AutoModelForCausalLM.from_config(config, attn_implementation=register_attention()).eval()
+    ours = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=register_attention()).eval()
     ours.load_state_dict(ref.state_dict())
     ours.generation_config = ref.generation_config
     tok = default_loaded().tokenizer
