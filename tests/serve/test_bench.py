@@ -1,0 +1,219 @@
+"""The benchmark tools run end to end on tiny workloads and report their numbers (no timed asserts)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import socket
+import threading
+import time
+
+import pytest
+
+from tokenmill.serve import bench
+from tokenmill.serve.bench_serve import RequestResult, compute_metrics
+from tokenmill.serve.bench_workload import LengthRange, load_jsonl_workload, random_token_workload
+
+STUB_CHUNK_DELAY_S = 0.002
+
+
+# ------------------------------------------------------------------ a stub OpenAI-compatible server
+def _stub_app():
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    app = FastAPI()
+    seen: list[dict] = []
+    app.state.seen = seen
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "stub-model", "object": "model"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        seen.append(body)
+        if body.get("model") != "stub-model":
+            return JSONResponse({"error": {"message": "unknown model"}}, status_code=404)
+        n = int(body["max_tokens"])
+        prompt = body["prompt"]
+        num_prompt = len(prompt) if isinstance(prompt, list) else len(prompt.split())
+
+        async def stream():
+            for i in range(n):
+                await asyncio.sleep(STUB_CHUNK_DELAY_S)
+                chunk = {"id": "c", "object": "text_completion", "choices": [{"index": 0, "text": f" t{i}"}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            usage = {"prompt_tokens": num_prompt, "completion_tokens": n, "total_tokens": num_prompt + n}
+            yield f"data: {json.dumps({'id': 'c', 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return app
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stub_server():
+    import uvicorn
+
+    app = _stub_app()
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("stub server did not start")
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}", app.state.seen
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _parser(add) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add(parser)
+    return parser
+
+
+# ------------------------------------------------------------------ bench serve
+def test_bench_serve_sweep_reports_metrics_json_and_plot(stub_server, tmp_path, capsys):
+    base_url, seen = stub_server
+    out_json, out_png = tmp_path / "serve.json", tmp_path / "serve.png"
+    args = _parser(bench.add_serve_parser).parse_args([
+        "--base-url", base_url, "--num-prompts", "6", "--min-prompt-len", "3", "--max-prompt-len", "9",
+        "--output-len", "5", "--max-concurrency", "1,3", "--ignore-eos", "--json", str(out_json), "--plot", str(out_png),
+    ])
+    assert args.func(args) == 0
+    report = json.loads(out_json.read_text())
+    assert report["model"] == "stub-model"  # found through GET /v1/models
+    assert [r["max_concurrency"] for r in report["runs"]] == [1, 3]
+    for run in report["runs"]:
+        assert run["completed"] == 6 and run["failed"] == 0
+        assert run["total_output_tokens"] == 30
+        assert run["request_rate"] == "inf"
+        assert run["output_throughput"] > 0 and run["request_throughput"] > 0
+        for key in ("ttft", "tpot", "itl", "e2el"):
+            s = run[key]
+            assert 0 < s["median_ms"] <= s["p90_ms"] <= s["p99_ms"]
+        # Each chunk waits for the stub's delay: the E2E latency covers all five of them.
+        assert run["e2el"]["mean_ms"] >= 5 * STUB_CHUNK_DELAY_S * 1000 * 0.9
+        assert run["ttft"]["mean_ms"] < run["e2el"]["mean_ms"]
+    assert out_png.stat().st_size > 1000 and out_png.read_bytes()[:4] == b"\x89PNG"
+    body = seen[-1]
+    assert body["stream"] is True and body["ignore_eos"] is True and body["max_tokens"] == 5
+    assert body["stream_options"] == {"include_usage": True}
+    printed = capsys.readouterr().out
+    assert "TTFT" in printed and "TPOT" in printed and "output throughput" in printed
+
+
+def test_bench_serve_poisson_rate_with_dataset(stub_server, tmp_path):
+    base_url, seen = stub_server
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text('{"prompt": "hello there", "output_len": 2}\n{"prompt_ids": [5, 6, 7]}\n')
+    args = _parser(bench.add_serve_parser).parse_args([
+        "--base-url", base_url, "--model", "stub-model", "--dataset", str(dataset), "--num-prompts", "2",
+        "--min-output-len", "3", "--max-output-len", "3", "--request-rate", "50", "--no-warmup",
+        "--json", str(tmp_path / "r.json"),
+    ])
+    assert args.func(args) == 0
+    run = json.loads((tmp_path / "r.json").read_text())["runs"][0]
+    assert run["request_rate"] == 50 and run["completed"] == 2
+    assert run["total_output_tokens"] == 2 + 3
+    assert run["total_input_tokens"] == 2 + 3
+    assert [5, 6, 7] in [b["prompt"] for b in seen[-2:]]
+
+
+def test_bench_serve_counts_failures(stub_server, tmp_path):
+    base_url, _ = stub_server
+    args = _parser(bench.add_serve_parser).parse_args([
+        "--base-url", base_url, "--model", "no-such-model", "--num-prompts", "2", "--output-len", "2",
+        "--no-warmup", "--json", str(tmp_path / "f.json"),
+    ])
+    assert args.func(args) == 1  # nothing completed
+    run = json.loads((tmp_path / "f.json").read_text())["runs"][0]
+    assert run["failed"] == 2 and "HTTP 404" in run["errors"][0]
+
+
+def test_metrics_follow_vllm_definitions():
+    results = [
+        RequestResult(ok=True, output_tokens=3, ttft=0.1, e2e=0.5, itl=[0.2, 0.2]),
+        RequestResult(ok=True, output_tokens=1, ttft=0.3, e2e=0.3, itl=[]),
+        RequestResult(ok=False, error="boom"),
+    ]
+    m = compute_metrics(results, duration_s=2.0)
+    assert m["completed"] == 2 and m["failed"] == 1 and m["errors"] == ["boom"]
+    assert m["request_throughput"] == pytest.approx(1.0)
+    assert m["output_throughput"] == pytest.approx(2.0)
+    assert m["tpot"]["mean_ms"] == pytest.approx(200.0)  # (0.5 - 0.1) / (3 - 1); one-token requests excluded
+    assert m["ttft"]["mean_ms"] == pytest.approx(200.0)
+    assert m["itl"]["median_ms"] == pytest.approx(200.0)
+    assert m["e2el"]["p99_ms"] == pytest.approx(499.6)
+
+
+def test_workloads_are_seeded_and_in_range(tmp_path):
+    a = random_token_workload(20, LengthRange(3, 9), LengthRange(2, 5), vocab_size=300, seed=7)
+    b = random_token_workload(20, LengthRange(3, 9), LengthRange(2, 5), vocab_size=300, seed=7)
+    assert a == b
+    assert all(3 <= r.prompt_len <= 9 and 2 <= r.output_len <= 5 for r in a)
+    assert all(150 <= t < 300 for r in a for t in r.prompt_ids)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "output_len": 0}\n')
+    with pytest.raises(ValueError, match="output_len=0"):
+        load_jsonl_workload(bad, None, LengthRange(1, 2), seed=0)
+
+
+# ------------------------------------------------------------------ bench throughput
+def test_bench_throughput_tiny_random_model(tmp_path, capsys):
+    out_json = tmp_path / "throughput.json"
+    args = _parser(bench.add_throughput_parser).parse_args([
+        "--random-model", "tiny", "--device", "cpu", "--workload", "all", "--num-requests", "4",
+        "--min-prompt-len", "4", "--max-prompt-len", "12", "--min-output-len", "3", "--max-output-len", "6",
+        "--hf-batch-size", "2", "--num-beams", "2", "--no-warmup", "--json", str(out_json),
+    ])
+    assert args.func(args) == 0
+    report = json.loads(out_json.read_text())
+    for name in ("greedy", "beam"):
+        workload = report["workloads"][name]
+        asked = workload["num_output_tokens_asked"]
+        by_backend = {r["backend"]: r for r in workload["results"]}
+        ours = by_backend["tokenmill"]
+        hf = by_backend["hf-generate (batch 2)"]
+        assert ours["num_output_tokens"] == asked and hf["num_output_tokens"] == asked
+        assert hf["num_computed_tokens"] >= asked  # static batches run to their longest request
+        assert ours["seconds"] > 0 and ours["peak_memory_bytes"] > 0 and ours["memory_kind"] == "rss"
+        assert math.isclose(workload["ratios"]["tokenmill/hf-generate (batch 2)"],
+                            ours["output_tokens_per_s"] / hf["output_tokens_per_s"])
+    greedy_batch = {r["backend"]: r for r in report["workloads"]["greedy"]["results"]}["hf-generate-batch"]
+    assert greedy_batch["skipped"] is None and greedy_batch["num_output_tokens"] == asked_greedy(report)
+    beam_batch = {r["backend"]: r for r in report["workloads"]["beam"]["results"]}["hf-generate-batch"]
+    assert "beam" in beam_batch["skipped"]
+    printed = capsys.readouterr().out
+    assert "ratio tokenmill/hf-generate (batch 2)" in printed and "tok/s" in printed
+
+
+def asked_greedy(report: dict) -> int:
+    return report["workloads"]["greedy"]["num_output_tokens_asked"]
+
+
+def test_bench_is_a_tokenmill_subcommand_group():
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    bench.register(subparsers)
+    args = parser.parse_args(["bench", "serve", "--max-concurrency", "1,4", "--request-rate", "2,inf"])
+    assert args.max_concurrency == [1, 4] and args.request_rate == [2.0, math.inf]
+    args = parser.parse_args(["bench", "throughput", "--workload", "beam", "--hf-batch-size", "4"])
+    assert args.workload == "beam" and args.hf_batch_size == 4 and callable(args.func)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "serve", "--max-concurrency", "0"])

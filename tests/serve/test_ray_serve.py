@@ -1,0 +1,70 @@
+"""Two Ray Serve replicas, each with its own engine, behind one HTTP endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import httpx
+import pytest
+
+from tests.serve.conftest import free_port
+from tokenmill.serve.api import REPLICA_HEADER
+
+NUM_REQUESTS = 12
+
+
+@pytest.fixture(scope="module")
+def ray_server():
+    from tokenmill.serve.deployment import ServeConfig, start, stop
+
+    config = ServeConfig(
+        port=free_port(), num_replicas=2, num_gpus_per_replica=0, num_cpus_per_replica=0.5, ray_num_cpus=2,
+        engine_kwargs={"max_model_len": 128, "max_num_seqs": 4, "device": "cpu"},
+    )
+    try:
+        yield config, start(config)
+    finally:
+        stop()
+
+
+def test_two_replicas_share_the_load_and_all_requests_complete(ray_server):
+    config, url = ray_server
+    assert url == f"http://127.0.0.1:{config.port}"
+    model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=url, timeout=180) as client:
+            async def one(i):
+                body = {"model": model, "prompt": f"Fact {i}:", "max_tokens": 4, "temperature": 0}
+                r = await client.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+                return r.headers[REPLICA_HEADER]
+
+            return await asyncio.gather(*(one(i) for i in range(NUM_REQUESTS)))
+
+    replicas = Counter(asyncio.run(burst()))
+    assert len(replicas) == 2, replicas
+    assert sum(replicas.values()) == NUM_REQUESTS
+    models = {httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["replica_id"] for _ in range(10)}
+    assert models <= set(replicas)
+
+
+def test_streaming_and_health_through_serve(ray_server):
+    _, url = ray_server
+    assert httpx.get(url + "/health", timeout=30).status_code == 200
+    body = {"prompt": "Hello", "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]" and len(lines) >= 2
+    assert httpx.post(url + "/v1/completions", json={"prompt": "Hi", "bogus": 1}, timeout=30).status_code == 400
+
+
+def test_announce_prints_a_curl_line(ray_server, capsys):
+    from tokenmill.serve.cli_serve import announce
+
+    _, url = ray_server
+    announce(url, None)
+    out = capsys.readouterr().out
+    assert f"curl {url}/v1/completions" in out and '"prompt"' in out
