@@ -210,7 +210,10 @@ class _Job:
                 self.streams.append(stream)
         except BaseException as exc:
             self.abort()
-            raise _as_api_error(exc) from exc
+            error = _as_api_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
 
     def abort(self) -> None:
         """Abort whatever still runs (no-op for finished requests and finished timers)."""
@@ -240,11 +243,12 @@ class _Job:
         except APIError:
             raise
         except BaseException as exc:
-            if not isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-                for timer in self.timers:
-                    timer.finish("error")
-                raise _as_api_error(exc) from exc
-            raise
+            error = _as_api_error(exc)
+            if error is exc:
+                raise
+            for timer in self.timers:
+                timer.finish("error")
+            raise error from exc
         finally:
             self.abort()
 
@@ -296,7 +300,7 @@ def _sse(payload: dict[str, Any]) -> str:
 
 
 def _as_api_error(exc: BaseException) -> BaseException:
-    if isinstance(exc, APIError) or isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+    if isinstance(exc, (APIError, asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit)):
         return exc
     if isinstance(exc, QueueFullError):
         return APIError(429, f"The server is busy: {exc}. Retry later.", code="queue_full")
