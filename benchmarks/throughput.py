@@ -1,0 +1,15 @@
+"""Offline throughput: tokenmill LLM.generate vs transformers generate / generate_batch.
+
+    python benchmarks/throughput.py                         # default model, greedy workload
+    python benchmarks/throughput.py --workload all --json out.json
+    python benchmarks/throughput.py --random-model 135m --device cuda
+
+Same implementation as `tokenmill bench throughput` (tokenmill.serve.bench_throughput).
+"""
+
+import sys
+
+from tokenmill.serve.bench import throughput_main
+
+if __name__ == "__main__":
+    sys.exit(throughput_main())

@@ -1,0 +1,302 @@
+"""The three offline backends the throughput benchmark compares, on the same weights:
+
+- tokenmill: `LLM.generate` (continuous batching over the paged KV cache);
+- hf-generate: transformers' `model.generate` in static batches with left padding; each batch runs
+  to its longest request, so only the tokens each request asked for count as useful output;
+- hf-generate-batch: transformers' continuous batching (the manager behind `model.generate_batch`),
+  fed each request with its own `max_new_tokens`.
+
+EOS never ends a request (tokenmill: ignore_eos; transformers: min_new_tokens = max_new_tokens,
+or eos disabled in continuous batching), so every backend produces the lengths asked for.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokenmill.serve.bench_models import attention
+from tokenmill.serve.bench_workload import BenchRequest
+
+WARMUP_PROMPT_LEN = 8
+WARMUP_OUTPUT_LEN = 4
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """How every request of a workload decodes (greedy: num_beams=1)."""
+
+    name: str
+    num_beams: int = 1
+    no_repeat_ngram_size: int = 0
+
+
+@dataclass(frozen=True)
+class RunResult:
+    backend: str
+    workload: str
+    num_requests: int
+    num_output_tokens: int  # useful: the tokens the requests asked for and got
+    num_computed_tokens: int  # every output position the backend computed (padding waste included)
+    seconds: float
+    peak_memory_bytes: int
+    memory_kind: str  # "rss" (process, CPU) or "cuda_max_allocated"
+    skipped: str | None = None  # why the backend did not run
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.num_output_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def computed_tokens_per_s(self) -> float:
+        return self.num_computed_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.num_requests / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.__dict__,
+            "output_tokens_per_s": self.output_tokens_per_s,
+            "computed_tokens_per_s": self.computed_tokens_per_s,
+            "requests_per_s": self.requests_per_s,
+        }
+
+
+def skipped(backend: str, workload: str, reason: str) -> RunResult:
+    return RunResult(backend, workload, 0, 0, 0, 0.0, 0, "", skipped=reason)
+
+
+class PeakMemory:
+    """Peak memory inside a `with` block: CUDA max allocated, or the process RSS sampled every 20 ms."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "rss"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def rss_bytes() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux: the lifetime peak is the best available
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.kind == "cuda_max_allocated":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak_bytes = self.rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.kind == "cuda_max_allocated":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _warmup_requests(vocab_size: int) -> list[BenchRequest]:
+    ids = tuple(range(vocab_size // 2, vocab_size // 2 + WARMUP_PROMPT_LEN))
+    return [BenchRequest(prompt_ids=ids, prompt_text=None, output_len=WARMUP_OUTPUT_LEN)] * 2
+
+
+# ---------------------------------------------------------------------------------- tokenmill
+def tokenmill_kv_blocks(requests: list[BenchRequest], spec: DecodeSpec, block_size: int) -> int:
+    """KV blocks for the whole workload at once (each beam may hold its own copy of the output)."""
+    tokens = sum(r.prompt_len + r.output_len * spec.num_beams for r in requests)
+    return math.ceil(tokens / block_size) + 2 * spec.num_beams * len(requests) + 16
+
+
+def run_tokenmill(
+    loaded: Any, requests: list[BenchRequest], spec: DecodeSpec, engine_kwargs: dict[str, Any], warmup: bool
+) -> RunResult:
+    from tokenmill.engine.llm import LLM
+    from tokenmill.engine.sampling_params import SamplingParams
+
+    device = next(loaded.model.parameters()).device
+    llm = LLM(loaded=loaded, **engine_kwargs)
+
+    def params(r: BenchRequest) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=r.output_len,
+            ignore_eos=True,
+            do_sample=False,
+            num_beams=spec.num_beams,
+            no_repeat_ngram_size=spec.no_repeat_ngram_size,
+        )
+
+    try:
+        if warmup:
+            warm = _warmup_requests(llm.llm_engine.vocab_size)
+            llm.generate([list(r.prompt_ids) for r in warm], [params(r) for r in warm], use_tqdm=False)
+        prompts = [list(r.prompt_ids) for r in requests]
+        with PeakMemory(device) as mem:
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, [params(r) for r in requests], use_tqdm=False)
+            _sync(device)
+            seconds = time.perf_counter() - start
+        generated = [len(o.outputs[0].token_ids) for o in outputs]
+    finally:
+        del llm
+        free_memory(device)
+    useful = sum(min(g, r.output_len) for g, r in zip(generated, requests))
+    return RunResult("tokenmill", spec.name, len(requests), useful, sum(generated), seconds, mem.peak_bytes, mem.kind)
+
+
+# ---------------------------------------------------------------------------------- HF generate
+def _left_padded(batch: list[BenchRequest], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(r.prompt_len for r in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [batch, width]
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # [batch, width]
+    for row, r in enumerate(batch):
+        input_ids[row, width - r.prompt_len :] = torch.tensor(r.prompt_ids)
+        attention_mask[row, width - r.prompt_len :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _hf_generate_batch(model: Any, batch: list[BenchRequest], spec: DecodeSpec, pad_id: int) -> int:
+    """Generate one static batch to its longest request; returns the output positions per row."""
+    input_ids, attention_mask = _left_padded(batch, pad_id, model.device)
+    max_new = max(r.output_len for r in batch)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=False,
+        num_beams=spec.num_beams,
+        no_repeat_ngram_size=spec.no_repeat_ngram_size,
+        max_new_tokens=max_new,
+        min_new_tokens=max_new,  # EOS cannot end a row early (the benchmark ignores EOS)
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    return out.shape[1] - input_ids.shape[1]
+
+
+def run_hf_generate(model: Any, requests: list[BenchRequest], spec: DecodeSpec, batch_size: int, warmup: bool) -> RunResult:
+    if batch_size < 1:
+        raise ValueError(f"hf_batch_size={batch_size} is invalid: allowed an integer >= 1")
+    device = model.device
+    pad_id = model.generation_config.pad_token_id
+    if pad_id is None:
+        eos = model.generation_config.eos_token_id
+        pad_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
+    name = f"hf-generate (batch {batch_size})"
+    with attention(model, "sdpa"), torch.inference_mode():
+        if warmup:
+            _hf_generate_batch(model, _warmup_requests(model.get_output_embeddings().weight.shape[0]), spec, pad_id)
+        useful = computed = 0
+        with PeakMemory(device) as mem:
+            start = time.perf_counter()
+            for i in range(0, len(requests), batch_size):
+                batch = requests[i : i + batch_size]
+                num_positions = _hf_generate_batch(model, batch, spec, pad_id)
+                useful += sum(min(r.output_len, num_positions) for r in batch)
+                computed += num_positions * len(batch)
+            _sync(device)
+            seconds = time.perf_counter() - start
+    free_memory(device)
+    return RunResult(name, spec.name, len(requests), useful, computed, seconds, mem.peak_bytes, mem.kind)
+
+
+# ---------------------------------------------------------------------------------- HF continuous batching
+def _wait_all(manager: Any, request_ids: list[str]) -> dict[str, Any]:
+    pending, results = set(request_ids), {}
+    while pending:
+        result = manager.get_result(timeout=1)
+        if result is None:
+            if not manager.is_running():
+                raise RuntimeError(f"transformers' continuous batching loop stopped with {len(pending)} requests left")
+            continue
+        if result.is_finished() and result.request_id in pending:
+            if result.error is not None:
+                raise RuntimeError(f"request {result.request_id} failed: {result.error}")
+            pending.discard(result.request_id)
+            results[result.request_id] = result
+    return results
+
+
+def run_hf_generate_batch(
+    model: Any, requests: list[BenchRequest], spec: DecodeSpec, max_num_seqs: int, max_batch_tokens: int, warmup: bool
+) -> RunResult:
+    name = "hf-generate-batch"
+    if spec.num_beams > 1:
+        return skipped(name, spec.name, "transformers' continuous batching has no beam search")
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    device = model.device
+    page_size = 256
+    total_tokens = sum(r.prompt_len + r.output_len for r in requests) + 2 * (WARMUP_PROMPT_LEN + WARMUP_OUTPUT_LEN)
+    cb_config = ContinuousBatchingConfig(
+        page_size=page_size,
+        num_blocks=math.ceil(total_tokens / page_size) + len(requests) + 2,
+        max_batch_tokens=max_batch_tokens,
+        max_requests_per_batch=max_num_seqs,
+    )
+    gen_config = GenerationConfig(
+        do_sample=False, no_repeat_ngram_size=spec.no_repeat_ngram_size, eos_token_id=-1, pad_token_id=0
+    )
+    try:
+        with attention(model, "sdpa"):
+            with model.continuous_batching_context_manager(
+                generation_config=gen_config,
+                continuous_batching_config=cb_config,
+                block=True,
+                timeout=30,
+                warmup=device.type == "cuda",  # captures CUDA graphs; nothing to do on CPU
+            ) as manager:
+                if warmup:
+                    warm = _warmup_requests(model.get_output_embeddings().weight.shape[0])
+                    ids = [manager.add_request(list(r.prompt_ids), max_new_tokens=r.output_len, eos_token_id=-1) for r in warm]
+                    _wait_all(manager, ids)
+                with PeakMemory(device) as mem:
+                    start = time.perf_counter()
+                    ids = [
+                        manager.add_request(list(r.prompt_ids), max_new_tokens=r.output_len, eos_token_id=-1)
+                        for r in requests
+                    ]
+                    results = _wait_all(manager, ids)
+                    _sync(device)
+                    seconds = time.perf_counter() - start
+    except Exception as error:  # report and go on: the other backends' numbers still stand
+        return skipped(name, spec.name, f"{type(error).__name__}: {error}")
+    finally:
+        free_memory(device)
+    generated = [len(results[i].generated_tokens) for i in ids]
+    useful = sum(min(g, r.output_len) for g, r in zip(generated, requests))
+    return RunResult(name, spec.name, len(requests), useful, sum(generated), seconds, mem.peak_bytes, mem.kind)

@@ -1,0 +1,202 @@
+"""Offline throughput: tokenmill's LLM.generate against transformers, one process, same weights.
+
+Used by `tokenmill bench throughput` and by benchmarks/throughput.py (one implementation).
+Workloads: "greedy" (greedy decoding) and "beam" (num_beams=4, no_repeat_ngram_size=3); EOS
+never ends a request, so every backend produces exactly the lengths the workload asks for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+from typing import Any
+
+from tokenmill.serve.bench_workload import (
+    BenchRequest,
+    LengthRange,
+    load_jsonl_workload,
+    random_token_workload,
+    tokenize_workload,
+)
+
+logger = logging.getLogger(__name__)
+
+WORKLOADS = ("greedy", "beam", "all")
+TARGETS = {"greedy": 3.0, "beam": 2.0}  # tokenmill / hf-generate useful output tokens/s
+
+
+def add_throughput_args(parser: argparse.ArgumentParser) -> None:
+    w = parser.add_argument_group("workload")
+    w.add_argument("--workload", choices=WORKLOADS, default="greedy",
+                   help="greedy, beam (num_beams=4, no_repeat_ngram_size=3) or all (default greedy).")
+    w.add_argument("--num-requests", type=int, default=64)
+    w.add_argument("--min-prompt-len", type=int, default=32)
+    w.add_argument("--max-prompt-len", type=int, default=256)
+    w.add_argument("--min-output-len", type=int, default=64)
+    w.add_argument("--max-output-len", type=int, default=256)
+    w.add_argument("--seed", type=int, default=0, help="Seed of the random workload and random weights.")
+    w.add_argument("--dataset", default=None,
+                   help='JSONL file, one {"prompt": text | "prompt_ids": [...], "output_len": n} a line.')
+    w.add_argument("--num-beams", type=int, default=4, help="Beams of the beam workload (default 4).")
+    w.add_argument("--no-repeat-ngram-size", type=int, default=3, help="For the beam workload (default 3).")
+    m = parser.add_argument_group("model")
+    m.add_argument("--model", default=None, help="Local HF folder or .gguf file (default: SmolLM2-135M-Instruct).")
+    m.add_argument("--random-model", choices=("135m", "1b", "tiny"), default=None,
+                   help="Random-weight Llama of this shape instead of --model (prompts are random token ids).")
+    m.add_argument("--device", default="auto", help="auto, cpu or cuda.")
+    m.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    b = parser.add_argument_group("backends")
+    b.add_argument("--hf-batch-size", type=int, default=8, help="Static batch size of HF generate (default 8).")
+    b.add_argument("--skip-hf", action="store_true", help="Run tokenmill only.")
+    b.add_argument("--skip-generate-batch", action="store_true", help="Skip transformers' continuous batching.")
+    b.add_argument("--max-num-seqs", type=int, default=64, help="Sequences per step (tokenmill and generate_batch).")
+    b.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="Token budget per step (tokenmill and generate_batch).")
+    b.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="tokenmill KV blocks (default: enough for the whole workload).")
+    b.add_argument("--block-size", type=int, default=16)
+    b.add_argument("--no-warmup", action="store_true", help="Time the first run too (default: a short warm-up first).")
+    parser.add_argument("--json", default=None, metavar="PATH", help="Write the numbers as JSON here.")
+
+
+def machine_info(device: Any) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "num_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def build_workload(args: argparse.Namespace, loaded: Any) -> list[BenchRequest]:
+    from tokenmill.serve.bench_models import vocab_size_of
+
+    output_lens = LengthRange(args.min_output_len, args.max_output_len)
+    if args.dataset:
+        requests = load_jsonl_workload(args.dataset, args.num_requests, output_lens, args.seed)
+        return tokenize_workload(requests, loaded.tokenizer)
+    prompt_lens = LengthRange(args.min_prompt_len, args.max_prompt_len)
+    return random_token_workload(args.num_requests, prompt_lens, output_lens, vocab_size_of(loaded.model), args.seed)
+
+
+def run_workload(args: argparse.Namespace, loaded: Any, requests: list[BenchRequest], spec: Any) -> list[Any]:
+    from tokenmill.serve import bench_backends as backends
+
+    warmup = not args.no_warmup
+    results = []
+    if not args.skip_hf:  # transformers first: on a GPU, tokenmill's KV cache is freed only after its run
+        logger.info("workload %s: hf-generate", spec.name)
+        results.append(backends.run_hf_generate(loaded.model, requests, spec, args.hf_batch_size, warmup))
+        if args.skip_generate_batch:
+            results.append(backends.skipped("hf-generate-batch", spec.name, "--skip-generate-batch"))
+        else:
+            logger.info("workload %s: hf-generate-batch", spec.name)
+            results.append(
+                backends.run_hf_generate_batch(
+                    loaded.model, requests, spec, args.max_num_seqs, args.max_num_batched_tokens, warmup
+                )
+            )
+    engine_kwargs = dict(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks or backends.tokenmill_kv_blocks(requests, spec, args.block_size),
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+    logger.info("workload %s: tokenmill", spec.name)
+    results.insert(0, backends.run_tokenmill(loaded, requests, spec, engine_kwargs, warmup))
+    return results
+
+
+def ratios(results: list[Any]) -> dict[str, float]:
+    ours = results[0]
+    out = {}
+    for r in results[1:]:
+        if r.skipped is None and r.output_tokens_per_s > 0:
+            out[f"tokenmill/{r.backend}"] = ours.output_tokens_per_s / r.output_tokens_per_s
+    return out
+
+
+def format_report(spec: Any, requests: list[BenchRequest], results: list[Any], model_name: str) -> str:
+    num_prompt = sum(r.prompt_len for r in requests)
+    num_output = sum(r.output_len for r in requests)
+    lines = [
+        f"== workload {spec.name}: {len(requests)} requests on {model_name}, num_beams={spec.num_beams}, "
+        f"no_repeat_ngram_size={spec.no_repeat_ngram_size}, ignore_eos",
+        f"   prompt tokens {num_prompt} (len {min(r.prompt_len for r in requests)}..{max(r.prompt_len for r in requests)}), "
+        f"output tokens asked {num_output} (len {min(r.output_len for r in requests)}..{max(r.output_len for r in requests)})",
+        f"{'backend':<26}{'out tokens':>11}{'seconds':>10}{'tok/s':>10}{'req/s':>9}{'computed tok/s':>16}{'peak mem MiB':>14}",
+    ]
+    for r in results:
+        if r.skipped is not None:
+            lines.append(f"{r.backend:<26}skipped: {r.skipped}")
+            continue
+        lines.append(
+            f"{r.backend:<26}{r.num_output_tokens:>11}{r.seconds:>10.2f}{r.output_tokens_per_s:>10.1f}"
+            f"{r.requests_per_s:>9.3f}{r.computed_tokens_per_s:>16.1f}{r.peak_memory_bytes / 2**20:>10.0f} {r.memory_kind}"
+        )
+    for name, value in ratios(results).items():
+        lines.append(f"ratio {name} (useful output tokens/s): {value:.2f}x")
+    target = TARGETS.get(spec.name)
+    hf = next((v for k, v in ratios(results).items() if k.startswith("tokenmill/hf-generate (")), None)
+    if target is not None and hf is not None:
+        lines.append(f"target tokenmill >= {target:.0f}x hf-generate: {'met' if hf >= target else 'NOT met'} ({hf:.2f}x)")
+    return "\n".join(lines)
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    from tokenmill.serve.bench_backends import DecodeSpec
+    from tokenmill.serve.bench_models import load_bench_model, resolve_device_dtype
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if args.model is not None and args.random_model is not None:
+        raise SystemExit("give --model or --random-model, not both")
+    device, _ = resolve_device_dtype(args.device, args.dtype)
+    loaded = load_bench_model(args.model, args.random_model, args.device, args.dtype, args.seed)
+    model_name = f"random {args.random_model} Llama" if args.random_model else (args.model or "SmolLM2-135M-Instruct")
+    requests = build_workload(args, loaded)
+    specs = {
+        "greedy": DecodeSpec("greedy"),
+        "beam": DecodeSpec("beam", num_beams=args.num_beams, no_repeat_ngram_size=args.no_repeat_ngram_size),
+    }
+    names = ["greedy", "beam"] if args.workload == "all" else [args.workload]
+    report: dict[str, Any] = {"machine": machine_info(device), "model": model_name, "args": vars(args), "workloads": {}}
+    print(f"machine: {report['machine']}", flush=True)
+    for name in names:
+        spec = specs[name]
+        results = run_workload(args, loaded, requests, spec)
+        print(format_report(spec, requests, results, model_name), flush=True)
+        report["workloads"][name] = {
+            "num_requests": len(requests),
+            "num_prompt_tokens": sum(r.prompt_len for r in requests),
+            "num_output_tokens_asked": sum(r.output_len for r in requests),
+            "results": [r.as_dict() for r in results],
+            "ratios": ratios(results),
+            "target": TARGETS.get(name),
+        }
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, default=str)
+        print(f"wrote {args.json}")
+    return 0
