@@ -266,9 +266,17 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 def read_gguf_chat_template(gguf_path: str | Path) -> str | None:
     """The ``tokenizer.chat_template`` string from a GGUF file's metadata, or None if it has none."""
+    try:  # transformers' reader skips the large token arrays: milliseconds instead of seconds
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+    except ImportError:
+        read_gguf_metadata = None
+    if read_gguf_metadata is not None:
+        metadata, _ = read_gguf_metadata(str(gguf_path))
+        template = metadata.get("tokenizer.chat_template")
+        return template if isinstance(template, str) and template else None
     from gguf import GGUFReader
 
     field = GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
     if field is None or not field.data:
         return None
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
+    return bytes(field.parts[field.data[0]]).decode("utf-8") or None

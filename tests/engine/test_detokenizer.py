@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -52,7 +53,7 @@ def llama_style_tokenizer():
     vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
     for token in sorted(trained.get_vocab(), key=trained.get_vocab().get):
         vocab.setdefault(token, len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in _merges_of(trained)]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in _merges_of(trained)]  # str: older format
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tk.normalizer = trained.normalizer
     tk.decoder = decoders.Sequence(
@@ -63,8 +64,6 @@ def llama_style_tokenizer():
 
 
 def _merges_of(tokenizer: Tokenizer) -> list:
-    import json
-
     return json.loads(tokenizer.to_str())["model"]["merges"]
 
 
