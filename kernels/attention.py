@@ -9,8 +9,6 @@ attends causally to cache positions ``0 .. seq_len - q_len + i`` (and, with a sl
 chunked prefill over a cached prefix and mixes of both.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -137,13 +135,191 @@ def paged_attention_reference(
 
 
 # ----------------------------------------------------------------------------------------------
+# Triton (the CUDA path)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _write_kv_cache_kernel(
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_key_t, stride_key_h, stride_key_d,
+    stride_value_t, stride_value_h, stride_value_d,
+    stride_kc_block, stride_kc_offset, stride_kc_h, stride_kc_d,
+    stride_vc_block, stride_vc_offset, stride_vc_h, stride_vc_d,
+    num_kv_heads, head_dim,
+    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per token: copy its [Hkv, D] key and value into the cache slot (none if slot < 0)."""
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    heads = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
+    dims = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
+    num_heads_written = tl.where(slot >= 0, num_kv_heads, 0)  # a skipped token writes no head
+    mask = (heads < num_heads_written) & (dims < head_dim)
+    key = tl.load(key_ptr + token * stride_key_t + heads * stride_key_h + dims * stride_key_d, mask=mask)
+    value = tl.load(value_ptr + token * stride_value_t + heads * stride_value_h + dims * stride_value_d, mask=mask)
+    k_dst = k_cache_ptr + block * stride_kc_block + offset * stride_kc_offset + heads * stride_kc_h + dims * stride_kc_d
+    v_dst = v_cache_ptr + block * stride_vc_block + offset * stride_vc_offset + heads * stride_vc_h + dims * stride_vc_d
+    tl.store(k_dst, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_cache_triton(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """Triton twin of :func:`write_kv_cache_reference`."""
+    _check_cache("k_cache", k_cache, key.shape[1], key.shape[2])
+    _check_cache("v_cache", v_cache, key.shape[1], key.shape[2])
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    _write_kv_cache_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
+        num_kv_heads, head_dim,
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    scale_log2, sliding_window, head_dim,
+    stride_q_t, stride_q_h, stride_q_d,
+    stride_o_t, stride_o_h, stride_o_d,
+    stride_k_block, stride_k_offset, stride_k_h, stride_k_d,
+    stride_v_block, stride_v_offset, stride_v_h, stride_v_d,
+    stride_table,
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    GROUP: tl.constexpr,  # query heads per kv head
+    BLOCK_Q: tl.constexpr,  # query tokens per program; BLOCK_Q * GROUP <= BLOCK_M
+    BLOCK_M: tl.constexpr,  # rows of the query tile: (token, head of the group) pairs
+    BLOCK_N: tl.constexpr,  # keys per step
+    BLOCK_D: tl.constexpr,  # head_dim padded to a power of two
+    USE_WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input precision
+):
+    """Program (sequence, query tile, kv head): online-softmax attention of BLOCK_Q query tokens
+    times the GROUP query heads sharing one kv head, over that sequence's paged keys."""
+    seq = tl.program_id(0)
+    tile = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    token = tile * BLOCK_Q + rows // GROUP  # query index within the sequence  [BLOCK_M]
+    head = kv_head * GROUP + rows % GROUP  # [BLOCK_M]
+    row_valid = (rows < BLOCK_Q * GROUP) & (token < q_len)
+    query_pos = context_len + token  # [BLOCK_M]
+    dims = tl.arange(0, BLOCK_D)
+    dim_valid = dims < head_dim
+
+    q_rows = (q_start + token).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_q_t + head[:, None] * stride_q_h + dims[None, :] * stride_q_d,
+        mask=row_valid[:, None] & dim_valid[None, :], other=0.0,
+    )  # [BLOCK_M, BLOCK_D]
+
+    # Keys this tile can see: [lo, hi). An empty tile (past q_len) gets hi = 0 and skips the loop.
+    tile_first = context_len + tile * BLOCK_Q
+    hi = tl.minimum(tile_first + BLOCK_Q, seq_len)
+    hi = tl.where(tile * BLOCK_Q < q_len, hi, 0)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(tile_first - sliding_window + 1, 0) // BLOCK_N * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table
+    for start in range(lo, hi, BLOCK_N):
+        key_pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        key_valid = key_pos < hi
+        block = tl.load(table_row + key_pos // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
+        offset = key_pos % BLOCK_SIZE
+        kv_valid = key_valid[:, None] & dim_valid[None, :]  # [BLOCK_N, BLOCK_D]
+        k = tl.load(
+            k_cache_ptr + block[:, None] * stride_k_block + offset[:, None] * stride_k_offset
+            + kv_head * stride_k_h + dims[None, :] * stride_k_d,
+            mask=kv_valid, other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        allowed = (key_pos[None, :] <= query_pos[:, None]) & key_valid[None, :]
+        if USE_WINDOW:
+            allowed = allowed & (key_pos[None, :] > query_pos[:, None] - sliding_window)
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_cache_ptr + block[:, None] * stride_v_block + offset[:, None] * stride_v_offset
+            + kv_head * stride_v_h + dims[None, :] * stride_v_d,
+            mask=kv_valid, other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + q_rows[:, None] * stride_o_t + head[:, None] * stride_o_h + dims[None, :] * stride_o_d,
+        out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :],
+    )
+
+
+def _attention_tiles(group: int, head_dim: int, max_query_len: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_Q, BLOCK_N): small query tiles for decode, larger ones for prefill."""
+    block_m = max(16, triton.next_power_of_2(group))
+    if max_query_len > 1:
+        block_m = max(block_m, 64)
+    block_n = 64 if triton.next_power_of_2(head_dim) <= 128 else 32
+    return block_m, block_m // group, block_n
+
+
+def paged_attention_triton(
+    query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+    max_query_len, max_seq_len, sliding_window=None,
+) -> torch.Tensor:
+    """Triton twin of :func:`paged_attention_reference` (no device-to-host sync)."""
+    _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sliding_window)
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.zeros_like(query)  # [T, Hq, D]
+    num_seqs = seq_lens.shape[0]
+    if num_seqs == 0 or query.shape[0] == 0 or max_query_len == 0:
+        return out
+    if block_tables.stride(1) != 1:
+        block_tables = block_tables.contiguous()
+    block_m, block_q, block_n = _attention_tiles(group, head_dim, max_query_len)
+    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    _paged_attention_kernel[grid](
+        query, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
+        scale * LOG2_E, sliding_window or 0, head_dim,
+        *query.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
+        BLOCK_SIZE=k_cache.shape[1], GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), USE_WINDOW=sliding_window is not None,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------
 
 
 def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
     """Write new keys/values [T, Hkv, D] into the paged caches at ``slot_mapping`` [T] (< 0: skip)."""
-    write_kv_cache_reference(key, value, k_cache, v_cache, slot_mapping)
+    write = write_kv_cache_triton if key.is_cuda else write_kv_cache_reference
+    write(key, value, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(
@@ -159,7 +335,8 @@ def paged_attention(
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Attention of a flat batch of queries [T, Hq, D] over paged caches; returns [T, Hq, D]."""
-    return paged_attention_reference(
+    attend = paged_attention_triton if query.is_cuda else paged_attention_reference
+    return attend(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
         max_query_len, max_seq_len, sliding_window,
     )

@@ -8,6 +8,8 @@ import torch
 from tokenmill.kernels import attention as attn
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# Triton runs compiled where there is a GPU, through the interpreter (conftest.py) otherwise.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_batch(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, device="cpu", seed=0):
@@ -195,3 +197,89 @@ def test_write_then_attend_prefill_then_decode():
         values.repeat_interleave(2, 1).transpose(0, 1), is_causal=True, scale=0.2,
     ).transpose(0, 1)  # [prompt_len + 1, Hq, D]
     torch.testing.assert_close(torch.cat([prefill, decode]), full, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton (interpreted without a GPU) against the naive attention and the reference
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "layout,group,block_size",
+    [("decode", 1, 16), ("decode", 4, 1), ("prefill", 4, 16), ("prefill", 1, 32), ("mixed", 4, 32), ("mixed", 1, 16)],
+)
+def test_triton_matches_naive_and_reference(layout, group, block_size):
+    batch, dense = make_batch(LAYOUTS[layout], 2 * group, 2, 32, block_size, torch.float32, TRITON_DEVICE)
+    out = attn.paged_attention_triton(**batch)
+    check(out, batch, dense, torch.float32)
+    torch.testing.assert_close(out, attn.paged_attention_reference(**batch), atol=2e-5, rtol=2e-5)
+
+
+def test_triton_float16():
+    # bfloat16 runs only on a GPU (test_gpu_*): the interpreter's tl.dot multiplies bfloat16 bit
+    # patterns (triton-lang/triton#11584).
+    batch, dense = make_batch(MIXED, 6, 2, 64, 16, torch.float16, TRITON_DEVICE)
+    check(attn.paged_attention_triton(**batch), batch, dense, torch.float16)
+
+
+@pytest.mark.parametrize("layout,window", [("decode", 5), ("mixed", 1), ("mixed", 7)])
+def test_triton_sliding_window(layout, window):
+    batch, dense = make_batch(LAYOUTS[layout], 4, 2, 32, 4, torch.float32, TRITON_DEVICE)
+    check(attn.paged_attention_triton(**batch, sliding_window=window), batch, dense, torch.float32, window)
+
+
+def test_triton_head_dim_not_power_of_two():
+    batch, dense = make_batch(MIXED[:3], 6, 2, 40, 16, torch.float32, TRITON_DEVICE)
+    check(attn.paged_attention_triton(**batch), batch, dense, torch.float32)
+
+
+def test_triton_group_not_power_of_two_and_strided_query():
+    """SmolLM2's 9 query heads over 3 kv heads; the query is a view of a wider projection."""
+    batch, dense = make_batch(MIXED, 9, 3, 16, 16, torch.float32, TRITON_DEVICE)
+    wide = torch.randn(batch["query"].shape[0], 9, 32, device=TRITON_DEVICE)
+    wide[..., :16] = batch["query"]
+    batch["query"] = wide[..., :16]
+    check(attn.paged_attention_triton(**batch), batch, dense, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_cache_triton_skips_negative_slots(dtype):
+    check_write(attn.write_kv_cache_triton, device=TRITON_DEVICE, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (make gpu-check): compiled kernels on bigger shapes
+# ----------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU_LAYOUTS = {
+    "decode": [(1, length) for length in (1, 15, 16, 17, 129, 600, 333, 64) * 4],
+    "mixed": [(1, 600), (1, 1), (300, 300), (37, 512), (1, 257), (64, 65), (200, 480), (1, 33)],
+}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(9, 3, 64), (32, 8, 128), (16, 16, 128), (8, 2, 80), (4, 1, 256)])
+@pytest.mark.parametrize("layout", sorted(GPU_LAYOUTS))
+@pytest.mark.parametrize("block_size,window", [(16, None), (32, None), (16, 100)])
+def test_gpu_paged_attention(dtype, heads, layout, block_size, window):
+    num_heads, num_kv_heads, head_dim = heads
+    batch, dense = make_batch(GPU_LAYOUTS[layout], num_heads, num_kv_heads, head_dim, block_size, dtype, "cuda")
+    torch.cuda.set_sync_debug_mode("error")  # the CUDA path must not wait on the device
+    try:
+        out = attn.paged_attention(**batch, sliding_window=window)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    check(out, batch, dense, dtype, window)
+    reference = attn.paged_attention_reference(**batch, sliding_window=window)
+    tolerance = 2 * TOLERANCE[dtype]
+    torch.testing.assert_close(out, reference, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_write_kv_cache(dtype):
+    check_write(attn.write_kv_cache, device="cuda", dtype=dtype)
