@@ -137,10 +137,11 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references; blocks nobody holds go back to the free queue (tail blocks first)."""
+        for block in seq.block_table:  # check first, so a double free leaves the counts intact
+            if self.ref_counts[block] <= 0:
+                raise RuntimeError(f"block {block} freed twice (sequence {seq.seq_id})")
         for block in reversed(seq.block_table):
             self.ref_counts[block] -= 1
-            if self.ref_counts[block] < 0:
-                raise RuntimeError(f"block {block} freed twice")
             if self.ref_counts[block] == 0:
                 self.free_queue[block] = None
         seq.block_table = []
