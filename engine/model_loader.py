@@ -97,17 +97,13 @@ def load_model(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype={dtype!r} is invalid: allowed a floating torch.dtype (e.g. torch.float32)")
     device = torch.device(device)
-    gguf_path = default_model_gguf_path() if model is None else None
-    if model is not None:
-        path = _resolve_local_path(model)
-        if path.is_file():
-            if path.suffix.lower() != ".gguf":
-                raise ValueError(f"model={model!r} is a file but not a .gguf file; {_HOW_TO_GET_A_MODEL}")
-            gguf_path = str(path)
-        else:
-            folder = path
-    if gguf_path is not None:
-        folder = ensure_converted_gguf(gguf_path, resolve_cache_dir(cache_dir))
+    path = Path(default_model_gguf_path()) if model is None else _resolve_local_path(model)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"model={model!r} is a file but not a .gguf file; {_HOW_TO_GET_A_MODEL}")
+        folder = ensure_converted_gguf(path, resolve_cache_dir(cache_dir))
+    else:
+        folder = path
     return _load_hf_folder(folder, device=device, dtype=dtype, attn_implementation=attn_implementation)
 
 
