@@ -214,6 +214,11 @@ class LLMEngine:
             seed=params.seed if params.seed is not None else self.rng.getrandbits(63),
             seq_ids=self.seq_ids,
         )
+        if group_max_seqs(group) > self.scheduler_config.max_num_seqs:
+            raise ValueError(
+                f"request runs {group_max_seqs(group)} sequences (num_beams/num_return_sequences): allowed at most "
+                f"max_num_seqs ({self.scheduler_config.max_num_seqs})"
+            )
         blocks = self.block_manager.num_blocks_for(len(token_ids) + max_new) * group_max_seqs(group)
         if blocks > self.block_manager.num_blocks:
             raise ValueError(
