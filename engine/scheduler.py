@@ -165,11 +165,14 @@ class Scheduler:
         batch: ScheduledBatch,
         cached: list[tuple[list[int], list[int]]] | None = None,
     ) -> None:
+        if cached:
+            # Every sequence takes its cached blocks before any fresh block is popped: a fresh pop
+            # could otherwise evict a free cached block that a sibling sequence is about to take.
+            for seq, (blocks, hashes) in zip(group.seqs, cached):
+                if blocks:
+                    self.block_manager.allocate(seq, 0, blocks, hashes)
         for i, seq in enumerate(group.seqs):
-            if cached:
-                self.block_manager.allocate(seq, plan[i], *cached[i])
-            else:
-                self.block_manager.allocate(seq, plan[i])
+            self.block_manager.allocate(seq, plan[i])
             batch.seqs.append(seq)
             batch.num_new_tokens.append(plan[i])
         batch.groups.append(group)
