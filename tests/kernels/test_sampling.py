@@ -1,0 +1,318 @@
+"""Fused sampling kernel vs its sort-based torch reference (and HF's warpers).
+
+On CPU the Triton kernel runs in the interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py), so shapes are kept small; the CUDA variants at the bottom
+(marked gpu) repeat the comparisons on larger batches.
+"""
+
+import pytest
+import torch
+from scipy import stats
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from tokenmill.kernels._philox import philox_word_torch
+from tokenmill.kernels.sampling import (
+    apply_sampling_filters,
+    sample,
+    sample_reference,
+    sample_triton,
+)
+
+NEG_INF = float("-inf")
+
+
+def make_params(batch: int, vocab: int, gen: torch.Generator, device="cpu", off_fraction=0.4):
+    """Per-row parameters covering every filter, each on and off, plus greedy rows."""
+    temperature = 0.3 + 1.5 * torch.rand(batch, generator=gen)
+    top_k = torch.randint(1, max(2, min(vocab, 200)), (batch,), generator=gen, dtype=torch.int32)
+    top_k = torch.where(torch.rand(batch, generator=gen) < off_fraction, torch.zeros_like(top_k), top_k)
+    top_p = 0.2 + 0.79 * torch.rand(batch, generator=gen)
+    top_p = torch.where(torch.rand(batch, generator=gen) < off_fraction, torch.ones_like(top_p), top_p)
+    min_p = 0.2 * torch.rand(batch, generator=gen)
+    min_p = torch.where(torch.rand(batch, generator=gen) < 0.6, torch.zeros_like(min_p), min_p)
+    seeds = torch.randint(-(2**62), 2**62, (batch,), generator=gen, dtype=torch.int64)
+    offsets = torch.randint(0, 2**40, (batch,), generator=gen, dtype=torch.int64)
+    greedy = torch.rand(batch, generator=gen) < 0.2
+    params = (temperature, top_k, top_p, min_p, seeds, offsets, greedy)
+    return tuple(p.to(device) for p in params)
+
+
+def make_logits(batch: int, vocab: int, gen: torch.Generator, dtype=torch.float32):
+    if dtype == torch.float32:
+        return torch.randn(batch, vocab, generator=gen) * 4.0  # [B, V]
+    # Distinct values in the narrow dtype: top-p between ties depends on sort order.
+    grid = torch.linspace(-12.0, 12.0, 50 * vocab).to(dtype).unique()
+    picks = torch.stack([torch.randperm(grid.numel(), generator=gen)[:vocab] for _ in range(batch)])
+    return grid[picks]  # [B, V]
+
+
+def kept_by_threshold(logits, temperature, greedy, thresholds):
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature)
+    scaled = logits.float() / temp[:, None]
+    return (scaled >= thresholds[:, None]) & (scaled > NEG_INF)
+
+
+def kept_by_sorting(logits, temperature, top_k, top_p, min_p, greedy):
+    filtered = apply_sampling_filters(
+        logits,
+        torch.where(greedy, torch.ones_like(temperature), temperature),
+        torch.where(greedy, torch.zeros_like(top_k), top_k),
+        torch.where(greedy, torch.ones_like(top_p), top_p),
+        torch.where(greedy, torch.zeros_like(min_p), min_p),
+    )
+    return filtered > NEG_INF
+
+
+def assert_triton_matches_reference(logits, params):
+    temperature, top_k, top_p, min_p, seeds, offsets, greedy = params
+    tokens, logprobs, thresholds = sample_triton(logits, *params, return_threshold=True)
+    ref_tokens, ref_logprobs = sample_reference(logits, *params)
+    kept = kept_by_threshold(logits, temperature, greedy, thresholds)
+    ref_kept = kept_by_sorting(logits, temperature, top_k, top_p, min_p, greedy)
+    bad_rows = (kept != ref_kept).any(dim=-1).nonzero().flatten().tolist()
+    assert not bad_rows, f"kept sets differ on rows {bad_rows}"
+    assert torch.equal(tokens.cpu(), ref_tokens.cpu())
+    torch.testing.assert_close(logprobs.cpu(), ref_logprobs.cpu(), atol=2e-4, rtol=1e-4)
+
+
+# Few rows for the big vocabularies: the interpreter walks every program in Python.
+@pytest.mark.parametrize(
+    "vocab,batch",
+    [(1, 4), (999, 16), (1024, 8), (4097, 6), (49152, 3), (128256, 2), (151936, 2)],
+)
+def test_triton_matches_reference_edge_vocabularies(vocab, batch):
+    gen = torch.Generator().manual_seed(vocab)
+    logits = make_logits(batch, vocab, gen)
+    assert_triton_matches_reference(logits, make_params(batch, vocab, gen))
+
+
+@pytest.mark.parametrize("batch,off_fraction", [(1, 0.0), (37, 0.4), (256, 0.9)])
+def test_triton_matches_reference_batch_sizes(batch, off_fraction):
+    gen = torch.Generator().manual_seed(batch)
+    vocab = 16
+    logits = make_logits(batch, vocab, gen)
+    # Mostly unfiltered rows in the big batch: the interpreter pays per searched row.
+    params = make_params(batch, vocab, gen, off_fraction=off_fraction)
+    assert_triton_matches_reference(logits, params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_matches_reference_half_precision(dtype):
+    gen = torch.Generator().manual_seed(7)
+    logits = make_logits(12, 700, gen, dtype)
+    assert_triton_matches_reference(logits, make_params(12, 700, gen))
+
+
+def test_ties_at_the_top_k_boundary_are_all_kept():
+    gen = torch.Generator().manual_seed(3)
+    batch, vocab = 8, 300
+    logits = torch.randint(-4, 5, (batch, vocab), generator=gen).float()  # many ties
+    temperature = torch.full((batch,), 0.7)
+    top_k = torch.tensor([1, 2, 5, 17, 40, 100, 299, 0], dtype=torch.int32)
+    top_p = torch.ones(batch)
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.3])
+    seeds = torch.arange(batch, dtype=torch.int64)
+    offsets = torch.zeros(batch, dtype=torch.int64)
+    greedy = torch.zeros(batch, dtype=torch.bool)
+    params = (temperature, top_k, top_p, min_p, seeds, offsets, greedy)
+    assert_triton_matches_reference(logits, params)
+    _, _, thresholds = sample_triton(logits, *params, return_threshold=True)
+    kept = kept_by_threshold(logits, temperature, greedy, thresholds)
+    assert kept[0].sum() == (logits[0] == logits[0].max()).sum()  # top-1 keeps every tied max
+
+
+def test_banned_entries_are_never_sampled():
+    gen = torch.Generator().manual_seed(5)
+    batch, vocab = 16, 257
+    logits = make_logits(batch, vocab, gen)
+    logits[:, ::2] = NEG_INF
+    logits[3, :255] = NEG_INF  # one token left: 255 (256 is banned above)
+    params = make_params(batch, vocab, gen)
+    assert_triton_matches_reference(logits, params)
+    tokens, _ = sample_triton(logits, *params)
+    assert torch.isfinite(logits.gather(1, tokens[:, None])).all()
+    assert tokens[3] == 255
+
+
+def test_greedy_rows_take_argmax_with_full_log_softmax():
+    gen = torch.Generator().manual_seed(11)
+    batch, vocab = 6, 1500
+    logits = make_logits(batch, vocab, gen)
+    params = list(make_params(batch, vocab, gen))
+    params[0] = torch.zeros(batch)  # temperature is ignored on greedy rows
+    params[-1] = torch.ones(batch, dtype=torch.bool)
+    for fn in (sample_triton, sample_reference):
+        tokens, logprobs = fn(logits, *params)
+        assert torch.equal(tokens, logits.argmax(dim=-1))
+        expected = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_draw_does_not_depend_on_batch_neighbours_or_position():
+    gen = torch.Generator().manual_seed(13)
+    batch, vocab = 12, 333
+    logits = make_logits(batch, vocab, gen)
+    params = make_params(batch, vocab, gen)
+    params[-1][:] = False  # all sampled
+    tokens, logprobs = sample_triton(logits, *params)
+    perm = torch.randperm(batch, generator=gen)
+    others = make_logits(batch, vocab, gen)
+    mixed = torch.cat([logits[perm], others])  # the same rows shuffled among strangers
+    mixed_params = tuple(torch.cat([p[perm], p[perm.flip(0)]]) for p in params)
+    mixed_tokens, mixed_logprobs = sample_triton(mixed, *mixed_params)
+    assert torch.equal(mixed_tokens[:batch], tokens[perm])
+    assert torch.equal(mixed_logprobs[:batch], logprobs[perm])
+    # A different offset (the next position) gives fresh draws.
+    shifted = list(params)
+    shifted[5] = params[5] + 1
+    assert not torch.equal(sample_triton(logits, *shifted)[0], tokens)
+
+
+def test_public_sample_uses_reference_on_cpu():
+    gen = torch.Generator().manual_seed(17)
+    logits = make_logits(5, 64, gen)
+    params = make_params(5, 64, gen)
+    for got, want in zip(sample(logits, *params), sample_reference(logits, *params)):
+        assert torch.equal(got, want)
+
+
+def test_philox_matches_known_answer():
+    # Philox4x32-10 known-answer vectors (Random123 kat_vectors): counter all 0, key all 0.
+    word = philox_word_torch(torch.tensor([0]), torch.tensor(0), torch.tensor(0))
+    assert word.item() == 0x6627E8D5
+
+
+def hf_filters(logits, temperature, top_k, top_p, min_p):
+    scores = TemperatureLogitsWarper(temperature)(None, logits[None].clone())
+    if top_k > 0:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    if min_p > 0.0:
+        scores = MinPLogitsWarper(min_p)(None, scores)
+    return scores[0]
+
+
+def test_apply_sampling_filters_equals_hf_warpers_row_by_row():
+    gen = torch.Generator().manual_seed(19)
+    batch, vocab = 24, 500
+    logits = make_logits(batch, vocab, gen)
+    temperature, top_k, top_p, min_p, _, _, _ = make_params(batch, vocab, gen)
+    ours = apply_sampling_filters(logits, temperature, top_k, top_p, min_p)
+    for row in range(batch):
+        expected = hf_filters(
+            logits[row], float(temperature[row]), int(top_k[row]), float(top_p[row]), float(min_p[row])
+        )
+        assert torch.equal(ours[row] > NEG_INF, expected > NEG_INF), f"row {row}"
+        kept = expected > NEG_INF
+        torch.testing.assert_close(ours[row][kept], expected[kept])
+
+
+@pytest.mark.parametrize(
+    "top_k,top_p,min_p",
+    [(0, 1.0, 0.0), (4, 1.0, 0.0), (0, 0.8, 0.0), (6, 0.9, 0.0), (0, 1.0, 0.03), (5, 0.95, 0.01)],
+)
+def test_samples_follow_the_filtered_distribution(top_k, top_p, min_p):
+    """Chi-square over many rows (different seeds) of one logit vector in one launch."""
+    gen = torch.Generator().manual_seed(23)
+    vocab, num_draws = 10, 20000
+    row = torch.randn(vocab, generator=gen) * 1.5
+    logits = row.expand(num_draws, vocab).contiguous()
+    temperature = torch.full((num_draws,), 0.8)
+    params = (
+        temperature,
+        torch.full((num_draws,), top_k, dtype=torch.int32),
+        torch.full((num_draws,), top_p),
+        torch.full((num_draws,), min_p),
+        torch.arange(num_draws, dtype=torch.int64) * 1_000_003,
+        torch.full((num_draws,), 42, dtype=torch.int64),
+        torch.zeros(num_draws, dtype=torch.bool),
+    )
+    tokens, _ = sample_reference(logits, *params)
+    probs = torch.softmax(apply_sampling_filters(logits[:1], *params[:4]), dim=-1)[0].double()
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    assert counts[probs == 0].sum() == 0
+    kept = probs > 0
+    assert kept.sum() >= 2
+    expected = probs[kept] / probs[kept].sum() * counts.sum()
+    _, p_value = stats.chisquare(counts[kept].numpy(), expected.numpy())
+    assert p_value > 1e-4
+    # The kernel picks the very same tokens (checked on a slice: the interpreter is slow).
+    some = slice(0, 24)
+    triton_tokens, _ = sample_triton(logits[some], *(p[some] for p in params))
+    assert torch.equal(triton_tokens, tokens[some])
+
+
+# ---------------------------------------------------------------- CUDA variants
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [1, 999, 1024, 4097, 49152, 128256, 151936])
+@pytest.mark.parametrize("batch", [1, 64, 256])
+def test_cuda_matches_reference(vocab, batch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    gen = torch.Generator().manual_seed(vocab + batch)
+    logits = make_logits(batch, vocab, gen).cuda()
+    params = make_params(batch, vocab, gen, device="cuda")
+    temperature, top_k, top_p, min_p, seeds, offsets, greedy = params
+    tokens, logprobs, thresholds = sample_triton(logits, *params, return_threshold=True)
+    ref_tokens, ref_logprobs = sample_reference(logits, *params)  # torch on the GPU
+    kept = kept_by_threshold(logits, temperature, greedy, thresholds)
+    ref_kept = kept_by_sorting(logits, temperature, top_k, top_p, min_p, greedy)
+    assert (kept != ref_kept).any(dim=-1).sum() == 0
+    # Exp(1) noise may differ by an ulp between CUDA and torch `log`: allow a rare near-tie.
+    assert (tokens != ref_tokens).sum() <= max(1, batch // 100)
+    same = tokens == ref_tokens
+    torch.testing.assert_close(logprobs[same], ref_logprobs[same], atol=2e-4, rtol=1e-4)
+    assert torch.equal(sample(logits, *params)[0], tokens)
+
+
+@pytest.mark.gpu
+def test_cuda_samples_follow_the_filtered_distribution():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    gen = torch.Generator().manual_seed(29)
+    vocab, num_draws = 32, 200000
+    row = torch.randn(vocab, generator=gen) * 1.5
+    logits = row.expand(num_draws, vocab).contiguous().cuda()
+    params = (
+        torch.full((num_draws,), 0.9),
+        torch.full((num_draws,), 20, dtype=torch.int32),
+        torch.full((num_draws,), 0.9),
+        torch.full((num_draws,), 0.02),
+        torch.arange(num_draws, dtype=torch.int64) * 7919,
+        torch.full((num_draws,), 5, dtype=torch.int64),
+        torch.zeros(num_draws, dtype=torch.bool),
+    )
+    params = tuple(p.cuda() for p in params)
+    tokens, _ = sample_triton(logits, *params)
+    probs = torch.softmax(apply_sampling_filters(logits[:1], *params[:4]), dim=-1)[0].double().cpu()
+    counts = torch.bincount(tokens.cpu(), minlength=vocab).double()
+    assert counts[probs == 0].sum() == 0
+    kept = probs > 0
+    expected = probs[kept] / probs[kept].sum() * counts.sum()
+    _, p_value = stats.chisquare(counts[kept].numpy(), expected.numpy())
+    assert p_value > 1e-4
+
+
+@pytest.mark.gpu
+def test_cuda_sample_is_graph_capturable():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    gen = torch.Generator().manual_seed(31)
+    batch, vocab = 16, 32000
+    logits = make_logits(batch, vocab, gen).cuda()
+    params = make_params(batch, vocab, gen, device="cuda")
+    expected = sample_triton(logits, *params)  # also compiles the kernel
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = sample(logits, *params)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], expected[0])
