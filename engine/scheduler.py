@@ -84,6 +84,7 @@ class Scheduler:
             plan = self._plan(group, budget, nothing_scheduled=batch.is_empty)
             if plan is None:  # over the token budget this step: wait for the next one
                 still_running.append(group)
+                num_seqs += group_max_seqs(group)  # it keeps its seats: new requests may not take them
                 continue
             while not self._can_allocate(group, plan):
                 if not queue:
