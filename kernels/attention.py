@@ -15,6 +15,10 @@ import triton
 import triton.language as tl
 
 LOG2_E = 1.4426950408889634
+# Torch decode path: batches of sequences of similar lengths (at most 2**depth batches), split
+# only where that avoids at least this many padded key positions.
+DECODE_SPLIT_DEPTH = 2
+MIN_PADDING_SAVED = 512
 
 
 def _check_cache(name: str, cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
@@ -106,6 +110,21 @@ def _sequence_reference(query, k_cache, v_cache, table, seq_len, scale, sliding_
     return out[0].transpose(0, 1)
 
 
+def _length_groups(seq_ids: list[int], lens: list[int], depth: int) -> list[list[int]]:
+    """Sequences sorted by length, cut into at most ``2**depth`` groups where cutting saves the most
+    padding (each group pads its keys to its longest sequence); no cut saving < MIN_PADDING_SAVED."""
+    if not seq_ids:
+        return []
+    order = sorted(seq_ids, key=lens.__getitem__)
+    if depth == 0 or len(order) < 2:
+        return [order]
+    longest = lens[order[-1]]
+    saving, cut = max((i * (longest - lens[order[i - 1]]), i) for i in range(1, len(order)))
+    if saving < MIN_PADDING_SAVED:
+        return [order]
+    return _length_groups(order[:cut], lens, depth - 1) + _length_groups(order[cut:], lens, depth - 1)
+
+
 def paged_attention_reference(
     query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
     max_query_len, max_seq_len, sliding_window=None,
@@ -116,13 +135,12 @@ def paged_attention_reference(
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     decode_ids = [s for s in range(len(lens)) if starts[s + 1] - starts[s] == 1]
-    if decode_ids:
-        device = query.device
-        ids = torch.tensor(decode_ids, device=device)  # [S_dec]
-        rows = query_start_loc[ids].to(torch.long)  # [S_dec]
+    for group in _length_groups(decode_ids, lens, DECODE_SPLIT_DEPTH):
+        ids = torch.tensor(group, device=query.device)  # [S_group]
+        rows = query_start_loc[ids].to(torch.long)  # [S_group]
         out[rows] = _decode_reference(
             query[rows], k_cache, v_cache, block_tables[ids], seq_lens[ids], scale,
-            max(lens[s] for s in decode_ids), sliding_window,
+            lens[group[-1]], sliding_window,
         )
     if len(decode_ids) < len(lens):
         for s in range(len(lens)):

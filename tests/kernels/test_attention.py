@@ -1,7 +1,5 @@
 """Paged KV-cache write and paged attention: reference and Triton against a naive dense attention."""
 
-import math
-
 import pytest
 import torch
 
@@ -100,6 +98,17 @@ def check(out, batch, dense, dtype, sliding_window=None):
 @pytest.mark.parametrize("block_size", [1, 16, 32])
 def test_reference_matches_naive(layout, group, block_size):
     batch, dense = make_batch(LAYOUTS[layout], 2 * group, 2, 32, block_size, torch.float32)
+    check(attn.paged_attention_reference(**batch), batch, dense, torch.float32)
+
+
+def test_reference_decode_lengths_far_apart():
+    """Decode sequences of very different lengths run in several length groups: same answer."""
+    specs = [(1, n) for n in (700, 3, 650, 20, 1, 340, 333, 5)]
+    lens = [n for _, n in specs]
+    groups = attn._length_groups(list(range(len(specs))), lens, attn.DECODE_SPLIT_DEPTH)
+    assert 1 < len(groups) <= 2**attn.DECODE_SPLIT_DEPTH
+    assert sorted(s for group in groups for s in group) == list(range(len(specs)))
+    batch, dense = make_batch(specs + [(5, 9)], 4, 2, 32, 16, torch.float32)
     check(attn.paged_attention_reference(**batch), batch, dense, torch.float32)
 
 
