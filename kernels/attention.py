@@ -129,7 +129,8 @@ def paged_attention_reference(
     query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
     max_query_len, max_seq_len, sliding_window=None,
 ) -> torch.Tensor:
-    """Torch paged attention (see module doc). Decode sequences run as one batch, others one by one."""
+    """Torch paged attention (see module doc). Decode sequences run batched (a few length groups),
+    the others one by one."""
     _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sliding_window)
     out = torch.zeros_like(query)  # [T, Hq, D]
     starts = query_start_loc.tolist()
