@@ -135,7 +135,8 @@ class BeamSearch:
             raise RuntimeError("BeamSearch.step called after the search finished: call finalize()")
         if logits.dim() != 2 or logits.shape[0] != self.num_live_beams:
             raise ValueError(
-                f"logits has shape {tuple(logits.shape)}: allowed [{self.num_live_beams}, vocab] (one row per live beam)"
+                f"logits has shape {tuple(logits.shape)}: allowed [{self.num_live_beams}, vocab] "
+                "(one row per live beam)"
             )
         first_step = self.num_generated == 0
         if first_step:
@@ -174,7 +175,9 @@ class BeamSearch:
         self.done = not self._improvement_possible or all_full or all(hits_list)
         return BeamStep(parents, next_tokens, self.done)
 
-    def _update_finished(self, cand_logprobs: torch.Tensor, cand_token_ids: list[list[int]], hits: torch.Tensor) -> None:
+    def _update_finished(
+        self, cand_logprobs: torch.Tensor, cand_token_ids: list[list[int]], hits: torch.Tensor
+    ) -> None:
         num_beams = self.num_beams
         top_ranks = torch.arange(hits.shape[0], device=hits.device) < num_beams
         just_finished = hits & top_ranks
@@ -215,7 +218,12 @@ class BeamSearch:
         scores = self._finished_scores[:n].tolist()
         finished = self._is_finished[:n].tolist()
         return [
-            BeamHypothesis(list(self._finished_token_ids[i]), float(self._finished_logprobs[i]), float(scores[i]), finished[i])
+            BeamHypothesis(
+                token_ids=list(self._finished_token_ids[i]),
+                cumulative_logprob=float(self._finished_logprobs[i]),
+                score=float(scores[i]),
+                finished=finished[i],
+            )
             for i in range(n)
         ]
 

@@ -127,6 +127,53 @@ def _put_rows(logits: torch.Tensor, sub: torch.Tensor, index: torch.Tensor | Non
     return logits
 
 
+def _run_penalties(
+    logits: torch.Tensor,
+    rows: list[RowInput],
+    histories: list[Sequence[int]],
+    banned_lists: list[list[int]],
+    token_ids: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> torch.Tensor:
+    """One `apply_penalties` call: repetition -> presence/frequency -> logit_bias -> bans."""
+    vocab_size = logits.shape[1]
+    device = logits.device
+    prompt_lens = torch.tensor(
+        [min(r.num_prompt_tokens, len(h)) for r, h in zip(rows, histories)], dtype=torch.int32, device=device
+    )  # [num_rows]
+
+    def per_row(name: str) -> torch.Tensor:  # [num_rows]
+        return torch.tensor([float(getattr(r.params, name)) for r in rows], dtype=torch.float32, device=device)
+
+    banned_ids = None
+    if any(banned_lists):
+        banned_ids = _padded(banned_lists, max(map(len, banned_lists)), torch.int64, -1).to(device)  # [num_rows, K]
+    bias_ids = bias_values = None
+    biases = [r.params.logit_bias or {} for r in rows]
+    if any(biases):
+        for bias in biases:
+            for token_id in bias:
+                if token_id >= vocab_size:
+                    raise ValueError(
+                        f"SamplingParams.logit_bias holds token id {token_id}: allowed ids in [0, {vocab_size})"
+                    )
+        width = max(map(len, biases))
+        bias_ids = _padded([list(b) for b in biases], width, torch.int64, -1).to(device)  # [num_rows, K2]
+        bias_values = _padded([list(b.values()) for b in biases], width, torch.float32, 0.0).to(device)
+    return apply_penalties(
+        logits,
+        token_ids,
+        prompt_lens,
+        seq_lens,
+        per_row("repetition_penalty"),
+        per_row("presence_penalty"),
+        per_row("frequency_penalty"),
+        banned_ids,
+        bias_ids,
+        bias_values,
+    )
+
+
 # ---------------------------------------------------------------------------------------------- processors
 def apply_processors(logits: torch.Tensor, rows: Sequence[RowInput]) -> torch.Tensor:
     """HF's non-warper processors plus presence/frequency penalties and logit_bias, per row.
@@ -164,41 +211,8 @@ def apply_processors(logits: torch.Tensor, rows: Sequence[RowInput]) -> torch.Te
     seq_lens = torch.tensor([len(h) for h in histories], dtype=torch.int32, device=device)  # [num_sub]
 
     if penalty_rows:
-        prompt_lens = torch.tensor(
-            [min(r.num_prompt_tokens, len(h)) for r, h in zip(sub_rows, histories)], dtype=torch.int32, device=device
-        )  # [num_sub]
-
-        def per_row(name: str) -> torch.Tensor:
-            return torch.tensor([float(getattr(r.params, name)) for r in sub_rows], dtype=torch.float32, device=device)
-
         banned_lists = [bans.get(i, []) for i in row_ids]
-        banned_ids = None
-        if any(banned_lists):
-            banned_ids = _padded(banned_lists, max(map(len, banned_lists)), torch.int64, -1).to(device)  # [num_sub, K]
-        bias_ids = bias_values = None
-        biases = [r.params.logit_bias or {} for r in sub_rows]
-        if any(biases):
-            for bias in biases:
-                for token_id in bias:
-                    if token_id >= vocab_size:
-                        raise ValueError(
-                            f"SamplingParams.logit_bias holds token id {token_id}: allowed ids in [0, {vocab_size})"
-                        )
-            width_bias = max(map(len, biases))
-            bias_ids = _padded([list(b) for b in biases], width_bias, torch.int64, -1).to(device)  # [num_sub, K2]
-            bias_values = _padded([list(b.values()) for b in biases], width_bias, torch.float32, 0.0).to(device)
-        sub = apply_penalties(
-            sub,
-            token_ids,
-            prompt_lens,
-            seq_lens,
-            per_row("repetition_penalty"),
-            per_row("presence_penalty"),
-            per_row("frequency_penalty"),
-            banned_ids,
-            bias_ids,
-            bias_values,
-        )
+        sub = _run_penalties(sub, sub_rows, histories, banned_lists, token_ids, seq_lens)
     if ngram_rows:
         ngram_size = torch.tensor(
             [r.params.no_repeat_ngram_size for r in sub_rows], dtype=torch.int32, device=device
