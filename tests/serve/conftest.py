@@ -32,12 +32,11 @@ def make_engine(loaded: Any = None, request_timeout_s: float | None = None, **ov
 
 @pytest.fixture(scope="session")
 def loaded_model() -> Any:
-    """The default model, loaded once for every engine of the session."""
-    try:
-        from tokenmill.engine.model_loader import load_model
-    except ImportError:
-        return None
-    return load_model(None)
+    """The default model, loaded once (as the engine loads it) for every engine of the session."""
+    from tokenmill.engine.attention_backend import register_attention
+    from tokenmill.engine.model_loader import load_model
+
+    return load_model(None, attn_implementation=register_attention())
 
 
 class LiveServer:
