@@ -172,6 +172,11 @@ def run_tokenmill(
             _sync(device)
             seconds = time.perf_counter() - start
         generated = [len(o.outputs[0].token_ids) for o in outputs]
+        failed = [o.outputs[0].finish_reason for o in outputs if o.outputs[0].finish_reason not in ("length", "stop")]
+        if failed:
+            raise RuntimeError(
+                f"{len(failed)} of {len(outputs)} requests ended with finish_reason {failed[0]!r} (see the engine's log)"
+            )
     finally:
         del llm
         free_memory(device)

@@ -48,6 +48,8 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
                    help="Random-weight Llama of this shape instead of --model (prompts are random token ids).")
     m.add_argument("--device", default="auto", help="auto, cpu or cuda.")
     m.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    m.add_argument("--num-threads", type=int, default=None,
+                   help="torch CPU threads for every backend (default: torch's choice, one per core).")
     b = parser.add_argument_group("backends")
     b.add_argument("--hf-batch-size", type=int, default=8, help="Static batch size of HF generate (default 8).")
     b.add_argument("--skip-hf", action="store_true", help="Run tokenmill only.")
@@ -79,6 +81,7 @@ def machine_info(device: Any) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": str(device),
+        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -123,13 +126,19 @@ def run_workload(args: argparse.Namespace, loaded: Any, requests: list[BenchRequ
         seed=args.seed,
     )
     logger.info("workload %s: tokenmill", spec.name)
-    results.insert(0, backends.run_tokenmill(loaded, requests, spec, engine_kwargs, warmup))
-    return results
+    try:
+        ours = backends.run_tokenmill(loaded, requests, spec, engine_kwargs, warmup)
+    except Exception as error:  # keep the transformers numbers; the exit code says it failed
+        logger.exception("tokenmill failed on workload %s", spec.name)
+        ours = backends.skipped("tokenmill", spec.name, f"FAILED: {type(error).__name__}: {error}")
+    return [ours, *results]
 
 
 def ratios(results: list[Any]) -> dict[str, float]:
     ours = results[0]
-    out = {}
+    out: dict[str, float] = {}
+    if ours.skipped is not None:
+        return out
     for r in results[1:]:
         if r.skipped is None and r.output_tokens_per_s > 0:
             out[f"tokenmill/{r.backend}"] = ours.output_tokens_per_s / r.output_tokens_per_s
@@ -169,7 +178,13 @@ def run_throughput(args: argparse.Namespace) -> int:
 
     import transformers
 
+    import torch
+
     transformers.logging.set_verbosity_error()
+    if args.num_threads is not None:
+        if args.num_threads < 1:
+            raise SystemExit(f"--num-threads={args.num_threads} is invalid: allowed an integer >= 1")
+        torch.set_num_threads(args.num_threads)
     if args.model is not None and args.random_model is not None:
         raise SystemExit("give --model or --random-model, not both")
     device, _ = resolve_device_dtype(args.device, args.dtype)
@@ -181,12 +196,14 @@ def run_throughput(args: argparse.Namespace) -> int:
         "beam": DecodeSpec("beam", num_beams=args.num_beams, no_repeat_ngram_size=args.no_repeat_ngram_size),
     }
     names = ["greedy", "beam"] if args.workload == "all" else [args.workload]
+    exit_code = 0
     report: dict[str, Any] = {"machine": machine_info(device), "model": model_name, "args": vars(args), "workloads": {}}
     print(f"machine: {report['machine']}", flush=True)
     for name in names:
         spec = specs[name]
         results = run_workload(args, loaded, requests, spec)
         print(format_report(spec, requests, results, model_name), flush=True)
+        exit_code |= int(results[0].skipped is not None)
         report["workloads"][name] = {
             "num_requests": len(requests),
             "num_prompt_tokens": sum(r.prompt_len for r in requests),
@@ -199,4 +216,4 @@ def run_throughput(args: argparse.Namespace) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, default=str)
         print(f"wrote {args.json}")
-    return 0
+    return exit_code

@@ -1,0 +1,14 @@
+"""Serving load: streamed /v1/completions against an OpenAI-compatible server (tokenmill, vLLM, ...).
+
+    tokenmill serve &                                    # or any OpenAI-compatible server
+    python benchmarks/serve_load.py --num-prompts 32 --max-concurrency 1,4,16 --plot serve.png
+
+Same implementation as `tokenmill bench serve` (tokenmill.serve.bench_serve).
+"""
+
+import sys
+
+from tokenmill.serve.bench import serve_main
+
+if __name__ == "__main__":
+    sys.exit(serve_main())
