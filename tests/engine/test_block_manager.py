@@ -238,7 +238,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 
 BlockManagerMachine.TestCase.settings = settings(
-    max_examples=120, stateful_step_count=30, deadline=None, suppress_health_check=list(HealthCheck)
+    max_examples=120, stateful_step_count=30, deadline=None, database=None,
+    suppress_health_check=list(HealthCheck),
 )
 TestBlockManagerMachine = BlockManagerMachine.TestCase
 
@@ -287,9 +288,12 @@ def test_prefix_cache_checks_tokens_on_every_hit(monkeypatch):
     assert bm.hash_to_block == {7: a.block_table[0]}
     assert bm.find_cached_prefix(Sequence(seq_id=1, token_ids=[5, 6, 3], num_prompt_tokens=3)) == ([], [])
     assert bm.find_cached_prefix(Sequence(seq_id=2, token_ids=[1, 2, 9], num_prompt_tokens=3))[0] == [a.block_table[0]]
-    # Second block [1, 2] collides with the first under hash 7 and passes the token check: that is a
-    # genuine content match (the chain is lost only because the hash here ignores `prev`).
+    # A colliding block with other tokens is neither a hit nor registered over the cached one.
+    b = _computed_seq(bm, kv, 3, [5, 6, 0])
+    assert bm.hash_to_block == {7: a.block_table[0]} and bm.block_hashes[b.block_table[0]] is None
     bm.free(a)
+    bm.free(b)
+    check_invariants(bm, [], kv)
 
 
 def test_prefix_caching_disabled_never_hits():
