@@ -10,6 +10,8 @@ torch RNG stream). One test feeds the prompt once, as the engine does, and allow
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -70,9 +72,10 @@ def run_beam_search(model, prompt, params, eos, max_new_tokens, generator=None, 
     while True:
         if num_steps == 0 and hf_first_batch:
             batch = [prompt] * params.num_beams  # as generate(); only the first row is sent
-            logits = model(torch.tensor(batch), logits_to_keep=1).logits[:1, -1, :].float()
+            logits = model(torch.tensor(batch, device=model.device), logits_to_keep=1).logits[:1, -1, :].float()
         else:
-            logits = model(torch.tensor([prompt + ids for ids in live]), logits_to_keep=1).logits[:, -1, :].float()
+            batch = [prompt + ids for ids in live]
+            logits = model(torch.tensor(batch, device=model.device), logits_to_keep=1).logits[:, -1, :].float()
         assert logits.shape[0] == search.num_live_beams == len(live)
         step = search.step(logits)
         num_steps += 1
@@ -106,7 +109,7 @@ def hf_generate(model, prompt, params: SamplingParams, eos, max_new_tokens, seed
     if seed is not None:
         torch.manual_seed(seed)
     out = model.generate(
-        torch.tensor([prompt]),
+        torch.tensor([prompt], device=model.device),
         max_new_tokens=max_new_tokens,
         pad_token_id=0,
         use_cache=False,
@@ -257,3 +260,24 @@ def test_default_model_beam_search_matches_generate(default_model):
         max_new_tokens=3, eos_token_id=eos, num_beams=3, num_return_sequences=2, early_stopping=True
     )
     assert_matches_generate(default_model.model, prompt, params, eos, max_new_tokens=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_beam_search_on_cuda_matches_generate(llama):
+    """CUDA logits through the Triton processors; beam sampling with a CPU generator (as the engine makes it)."""
+    model = copy.deepcopy(llama).cuda()
+    prompt = list(PROMPTS[1])
+    eos = (greedy_token(llama, prompt, step=2),)
+    params = SamplingParams(
+        max_new_tokens=8, eos_token_id=eos, num_beams=4, num_return_sequences=3, no_repeat_ngram_size=2,
+        repetition_penalty=1.2,
+    )
+    hyps, _ = run_beam_search(model, prompt, params, eos, 8)
+    hf_seqs, hf_scores = hf_generate(model, prompt, params, eos, 8)
+    assert [h.token_ids for h in hyps] == hf_seqs
+    assert [h.score for h in hyps] == pytest.approx(hf_scores, rel=1e-4)
+    sampled = params.replace(do_sample=True, top_k=20, temperature=1.3)
+    hyps, _ = run_beam_search(model, prompt, sampled, eos, 8, torch.Generator().manual_seed(0))
+    assert len(hyps) == 3 and all(h.finished and 0 < len(h.token_ids) <= 8 for h in hyps)
+    assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)

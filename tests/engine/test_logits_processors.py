@@ -290,3 +290,23 @@ def test_whole_pipeline_matches_generate_processor_list(tiny_model):
     for i in range(len(rows)):
         assert_same(out[i], expected[i])
     assert int(torch.isinf(out[3]).sum()) == VOCAB - 50  # HF's default top_k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pipeline_on_cuda_matches_cpu():
+    """The Triton kernels (CUDA tensors) against the torch references (CPU), all processors mixed in one batch."""
+    rng = random.Random(14)
+    params = [
+        SamplingParams(),
+        SamplingParams(repetition_penalty=1.3, no_repeat_ngram_size=2),
+        SamplingParams(presence_penalty=0.4, frequency_penalty=0.3, logit_bias={3: 1.0, 9: -2.0}),
+        SamplingParams(bad_words_ids=((1,), (2, 3)), min_new_tokens=10),
+        SamplingParams(do_sample=True, temperature=0.7, top_k=10, top_p=0.8, min_p=0.05),
+        SamplingParams(do_sample=True, top_k=0, typical_p=0.7, repetition_penalty=0.9),
+    ]
+    rows = [RowInput(p, history(rng, 12, alphabet=5), 4, (5,)) for p in params]
+    logits = random_logits(len(rows), seed=15)
+    on_cpu = apply_warpers(apply_processors(logits.clone(), rows), rows)
+    on_cuda = apply_warpers(apply_processors(logits.cuda(), rows), rows).cpu()
+    assert_same(on_cuda, on_cpu)
