@@ -100,7 +100,9 @@ class BeamSearch:
 
     @property
     def num_live_beams(self) -> int:
-        """How many logits rows the next `step` expects: 1 (the prompt) at first, then num_beams."""
+        """How many logits rows the next `step` expects: 1 (the prompt) at first, then num_beams.
+
+        The first step also takes num_beams identical prompt rows (then parents index those rows)."""
         return 1 if self.num_generated == 0 else self.num_beams
 
     def _init_state(self, device: torch.device) -> None:
@@ -133,14 +135,18 @@ class BeamSearch:
         """logits: [num_live_beams, vocab] raw model logits of the live beams, in live-beam order."""
         if self.done:
             raise RuntimeError("BeamSearch.step called after the search finished: call finalize()")
-        if logits.dim() != 2 or logits.shape[0] != self.num_live_beams:
+        first_step = self.num_generated == 0
+        # At the first step the prompt may come once or as num_beams identical rows (as HF runs it).
+        allowed = (1, self.num_beams) if first_step else (self.num_beams,)
+        if logits.dim() != 2 or logits.shape[0] not in allowed:
             raise ValueError(
                 f"logits has shape {tuple(logits.shape)}: allowed [{self.num_live_beams}, vocab] "
                 "(one row per live beam)"
             )
-        first_step = self.num_generated == 0
+        expanded = first_step and logits.shape[0] == 1
         if first_step:
             self._init_state(logits.device)
+        if expanded:
             logits = logits.expand(self.num_beams, -1).contiguous()  # HF runs num_beams copies of the prompt
         num_beams, vocab_size = logits.shape
         rows = self._rows()
@@ -164,7 +170,7 @@ class BeamSearch:
         next_running = torch.topk(running_logprobs, k=num_beams)[1]
         self._running_scores = running_logprobs[next_running]
         picked = next_running.tolist()
-        parents = [0 if first_step else cand_beams[j] for j in picked]
+        parents = [0 if expanded else cand_beams[j] for j in picked]
         next_tokens = [cand_tokens[j] for j in picked]
 
         self._update_finished(cand_logprobs, cand_token_ids, hits)

@@ -228,7 +228,7 @@ def test_step_interface_errors_and_first_step_parents(llama):
     search = BeamSearch(params, prompt, (), max_new_tokens=1)
     assert search.num_live_beams == 1
     with pytest.raises(ValueError, match="one row per live beam"):
-        search.step(torch.zeros(3, 300))
+        search.step(torch.zeros(2, 300))
     with pytest.raises(RuntimeError, match="before any step"):
         search.finalize()
     with torch.no_grad():
@@ -240,6 +240,10 @@ def test_step_interface_errors_and_first_step_parents(llama):
         search.step(logits)
     with pytest.raises(ValueError, match="max_new_tokens"):
         BeamSearch(params, prompt, (), max_new_tokens=0)
+    # The first step also takes num_beams identical prompt rows, as generate() runs them.
+    again = BeamSearch(params, prompt, (), max_new_tokens=1)
+    again.step(logits.expand(3, -1))
+    assert [h.token_ids for h in again.finalize()] == [h.token_ids for h in search.finalize()]
 
 
 # ------------------------------------------------------------------------------------------ default model
