@@ -165,9 +165,11 @@ class AsyncLLMEngine:
                           *, timeout_s: float | None = None) -> RequestStream:
         """Queue a request; raises what `LLMEngine.add_request` raises (ValueError, QueueFullError)."""
         loop = asyncio.get_running_loop()
-        limit = timeout_s if timeout_s is not None else self.config.request_timeout_s
-        if limit is not None and not limit > 0:
-            raise ValueError(f"timeout_s={limit} is invalid: allowed a number > 0")
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s={timeout_s} is invalid: allowed a number > 0")
+        # A request may ask for less time than the engine's limit, never more.
+        limits = [t for t in (timeout_s, self.config.request_timeout_s) if t is not None]
+        limit = min(limits) if limits else None
         deadline = None if limit is None else time.monotonic() + limit
         stream = RequestStream(request_id, loop, deadline, self._abort)
         future = loop.create_future()

@@ -54,7 +54,9 @@ class _SamplingFields(_Request):
     do_sample: bool | None = Field(None, description="Overrides the choice made from temperature / num_beams.")
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    timeout_s: float | None = Field(None, gt=0, le=86400, description="Abort the request after this many seconds.")
+    timeout_s: float | None = Field(
+        None, gt=0, le=86400, description="Abort the request after this many seconds (at most the server's limit)."
+    )
 
 
 class CompletionRequest(_SamplingFields):

@@ -128,6 +128,22 @@ def test_request_timeout_aborts_and_frees_blocks(engine):
     assert engine.is_healthy
 
 
+def test_a_request_cannot_extend_the_engine_time_limit(loaded_model):
+    engine = make_engine(loaded_model, request_timeout_s=0.3)
+    params = SamplingParams(max_new_tokens=200, do_sample=False, ignore_eos=True)
+
+    async def run():
+        async for _ in engine.generate("Write an essay.", params, timeout_s=1000):
+            pass
+
+    try:
+        with pytest.raises(RequestTimeoutError):
+            asyncio.run(asyncio.wait_for(run(), 30))
+        assert wait_for(lambda: idle(engine), 10), engine.get_stats()
+    finally:
+        engine.shutdown()
+
+
 def test_loop_death_fails_in_flight_requests_and_marks_unhealthy(loaded_model):
     engine = make_engine(loaded_model)
     params = SamplingParams(max_new_tokens=200, do_sample=False, ignore_eos=True)
