@@ -256,8 +256,9 @@ def apply_sampling_filters(
     k_on = k > 0
     if bool(k_on.any()):
         k_eff = torch.clamp(torch.clamp(k, min=min_tokens_to_keep), max=vocab)
-        desc = torch.sort(scores, dim=-1, descending=True).values
-        kth = desc.gather(-1, (k_eff - 1).clamp(min=0)[:, None])  # [B, 1]
+        # Host sync for the largest k: fine here, this is the CPU / reference path.
+        largest = torch.topk(scores, int(k_eff.max()), dim=-1).values  # [B, max k]
+        kth = largest.gather(-1, (k_eff - 1).clamp(min=0)[:, None])  # [B, 1]
         remove = (scores < kth) & k_on[:, None]
         scores = torch.where(remove, neg_inf, scores)
 

@@ -243,7 +243,7 @@ def test_samples_follow_the_filtered_distribution(top_k, top_p, min_p):
     _, p_value = stats.chisquare(counts[kept].numpy(), expected.numpy())
     assert p_value > 1e-4
     # The kernel picks the very same tokens (checked on a slice: the interpreter is slow).
-    some = slice(0, 24)
+    some = slice(0, 12)
     triton_tokens, _ = sample_triton(logits[some], *(p[some] for p in params))
     assert torch.equal(triton_tokens, tokens[some])
 

@@ -1,0 +1,224 @@
+"""Kernel micro-benchmark: each per-token op, Triton vs its torch reference vs HF.
+
+    python benchmarks/kernels.py                      # full grid
+    python benchmarks/kernels.py --quick              # small sizes
+    python benchmarks/kernels.py --ops sampling --batch 64 256 --vocab 128256 --json out.json
+
+On CUDA it times the Triton kernels, the torch references and what HF's
+`generate()` does (sort-based TopK+TopP warpers + softmax + multinomial,
+NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor), and paged
+attention on decode shapes. Without CUDA it times the torch references and HF
+only (the Triton interpreter is not a performance path). Prints a table with
+ratios; never asserts on times.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers.generation.logits_process import (
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from tokenmill.kernels.ngram import ban_ngrams_reference, ban_ngrams_triton
+from tokenmill.kernels.penalties import apply_penalties_reference, apply_penalties_triton
+from tokenmill.kernels.sampling import sample_reference, sample_triton
+
+TOP_K, TOP_P, TEMPERATURE, NGRAM, REPETITION = 50, 0.9, 0.8, 3, 1.2
+
+
+def time_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Median wall time of `fn()` in milliseconds (CUDA events on the GPU)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(samples)
+
+
+def sampling_case(batch, vocab, device):
+    logits = torch.randn(batch, vocab, device=device) * 3  # [B, V]
+    params = (
+        torch.full((batch,), TEMPERATURE, device=device),
+        torch.full((batch,), TOP_K, dtype=torch.int32, device=device),
+        torch.full((batch,), TOP_P, device=device),
+        torch.zeros(batch, device=device),
+        torch.arange(batch, dtype=torch.int64, device=device),
+        torch.full((batch,), 1000, dtype=torch.int64, device=device),
+        torch.zeros(batch, dtype=torch.bool, device=device),
+    )
+    warpers = [TemperatureLogitsWarper(TEMPERATURE), TopKLogitsWarper(TOP_K), TopPLogitsWarper(TOP_P)]
+
+    def hf():
+        scores = logits
+        for warper in warpers:
+            scores = warper(None, scores)
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
+
+    return {
+        "triton": lambda: sample_triton(logits, *params),
+        "torch": lambda: sample_reference(logits, *params),
+        "hf": hf,
+    }
+
+
+def history_case(batch, vocab, history_len, device):
+    token_ids = torch.randint(0, vocab, (batch, history_len), device=device)  # [B, L]
+    token_ids[:, -NGRAM:] = token_ids[:, :NGRAM]  # at least one repeated n-gram
+    seq_lens = torch.full((batch,), history_len, device=device)
+    logits = torch.randn(batch, vocab, device=device)  # [B, V]
+    return logits, token_ids, seq_lens
+
+
+def ngram_case(batch, vocab, device, history_len):
+    logits, token_ids, seq_lens = history_case(batch, vocab, history_len, device)
+    ngram_size = torch.full((batch,), NGRAM, dtype=torch.int32, device=device)
+    processor = NoRepeatNGramLogitsProcessor(NGRAM)
+    return {
+        "triton": lambda: ban_ngrams_triton(logits, token_ids, seq_lens, ngram_size),
+        "torch": lambda: ban_ngrams_reference(logits, token_ids, seq_lens, ngram_size),
+        "hf": lambda: processor(token_ids, logits),
+    }
+
+
+def penalties_case(batch, vocab, device, history_len):
+    logits, token_ids, seq_lens = history_case(batch, vocab, history_len, device)
+    prompt_lens = seq_lens // 2
+    rows = (
+        torch.full((batch,), REPETITION, device=device),
+        torch.full((batch,), 0.5, device=device),
+        torch.full((batch,), 0.3, device=device),
+    )
+    processor = RepetitionPenaltyLogitsProcessor(REPETITION)
+    args = (token_ids, prompt_lens, seq_lens, *rows)
+    return {
+        "triton": lambda: apply_penalties_triton(logits, *args),
+        "torch": lambda: apply_penalties_reference(logits, *args),
+        "hf": lambda: processor(token_ids, logits),
+    }
+
+
+def attention_rows(batches, context, device, warmup, iters):
+    """write_kv_cache + paged_attention on decode shapes (one new token per sequence)."""
+    try:
+        from tokenmill.kernels.attention import paged_attention, write_kv_cache
+    except ImportError as error:
+        print(f"\n[attention] skipped: tokenmill.kernels.attention not importable ({error})")
+        return []
+    num_q_heads, num_kv_heads, head_dim, block_size = 32, 8, 128, 16
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    rows = []
+    for batch in batches:
+        blocks_per_seq = (context + block_size - 1) // block_size
+        num_blocks = batch * blocks_per_seq
+        k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device=device, dtype=dtype)
+        v_cache = torch.randn_like(k_cache)
+        block_tables = torch.randperm(num_blocks, device=device).view(batch, blocks_per_seq).int()
+        seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+        query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        query = torch.randn(batch, num_q_heads, head_dim, device=device, dtype=dtype)  # [T, Hq, D]
+        key = torch.randn(batch, num_kv_heads, head_dim, device=device, dtype=dtype)  # [T, Hkv, D]
+        slot_mapping = (block_tables[:, -1].long() * block_size + (context - 1) % block_size)  # [T]
+        scale = head_dim**-0.5
+        write_ms = time_ms(lambda: write_kv_cache(key, key, k_cache, v_cache, slot_mapping), device, warmup, iters)
+        attn_ms = time_ms(
+            lambda: paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                    scale, 1, context),
+            device, warmup, iters,
+        )
+        kv_bytes = 2 * batch * context * num_kv_heads * head_dim * k_cache.element_size()
+        rows.append({
+            "op": "paged_attention", "batch": batch, "context": context,
+            "ms": attn_ms, "write_kv_ms": write_ms, "kv_gb_per_s": kv_bytes / attn_ms / 1e6,
+        })
+    print(f"\n[attention] decode, context {context}, {num_q_heads} q heads / {num_kv_heads} kv heads, "
+          f"head_dim {head_dim}, block {block_size}, {dtype} ({'triton' if device.type == 'cuda' else 'torch'})")
+    print(f"{'batch':>6} {'attn ms':>10} {'write ms':>10} {'KV GB/s':>10}")
+    for row in rows:
+        print(f"{row['batch']:>6} {row['ms']:>10.4f} {row['write_kv_ms']:>10.4f} {row['kv_gb_per_s']:>10.1f}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", nargs="+", default=["sampling", "ngram", "penalties", "attention"],
+                        choices=["sampling", "ngram", "penalties", "attention"])
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="default 1 16 64 256")
+    parser.add_argument("--vocab", type=int, nargs="+", default=None, help="default 32000 128256 151936")
+    parser.add_argument("--history", type=int, default=1024, help="tokens of history (n-gram, penalties)")
+    parser.add_argument("--context", type=int, default=1024, help="attention context length")
+    parser.add_argument("--quick", action="store_true", help="small sizes, few iterations")
+    parser.add_argument("--no-hf", action="store_true", help="skip the HF baselines")
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batches = args.batch or ([1, 16] if args.quick else [1, 16, 64, 256])
+    vocabs = args.vocab or ([32000] if args.quick else [32000, 128256, 151936])
+    history = min(args.history, 256) if args.quick else args.history
+    context = min(args.context, 256) if args.quick else args.context
+    on_gpu = device.type == "cuda"
+    iters = args.iters or (20 if on_gpu and not args.quick else 3)
+    warmup = 3 if on_gpu else 1
+    print(f"device: {torch.cuda.get_device_name() if on_gpu else 'cpu (torch references and HF only)'}")
+    print(f"sampling: T={TEMPERATURE} top_k={TOP_K} top_p={TOP_P}; n-gram n={NGRAM}, history {history}; "
+          f"penalties: repetition {REPETITION} + presence/frequency, history {history}")
+
+    impls = (["triton"] if on_gpu else []) + ["torch"] + ([] if args.no_hf else ["hf"])
+    results = []
+    header = f"{'op':<10} {'batch':>5} {'vocab':>7} " + " ".join(f"{name + ' ms':>10}" for name in impls)
+    if on_gpu:
+        header += f" {'torch/tri':>10}" + ("" if args.no_hf else f" {'hf/tri':>8}")
+    elif not args.no_hf:
+        header += f" {'hf/torch':>9}"
+    kernel_ops = [op for op in args.ops if op != "attention"]
+    if kernel_ops:
+        print("\n" + header)
+    for op in kernel_ops:
+        for vocab in vocabs:
+            for batch in batches:
+                if op == "sampling":
+                    fns = sampling_case(batch, vocab, device)
+                elif op == "ngram":
+                    fns = ngram_case(batch, vocab, device, history)
+                else:
+                    fns = penalties_case(batch, vocab, device, history)
+                times = {name: time_ms(fns[name], device, warmup, iters) for name in impls}
+                line = f"{op:<10} {batch:>5} {vocab:>7} " + " ".join(f"{times[n]:>10.4f}" for n in impls)
+                if on_gpu:
+                    line += f" {times['torch'] / times['triton']:>9.1f}x"
+                    if not args.no_hf:
+                        line += f" {times['hf'] / times['triton']:>7.1f}x"
+                elif not args.no_hf:
+                    line += f" {times['hf'] / times['torch']:>8.1f}x"
+                print(line, flush=True)
+                results.append({"op": op, "batch": batch, "vocab": vocab,
+                                **{f"{name}_ms": value for name, value in times.items()}})
+    if "attention" in args.ops:
+        results += attention_rows([b for b in batches if b <= 64] or batches[:1], context, device, warmup, iters)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": str(device), "results": results}, handle, indent=2)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
