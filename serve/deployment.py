@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -140,11 +142,20 @@ def run_server(config: ServeConfig, *, on_ready: Callable[[str], None] | None = 
         on_ready(url)
     if not block:
         return url
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` stops as cleanly as Ctrl-C
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background by a shell
+            signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        logger.info("shutting down")
+        logger.info("shutting down Serve and Ray")
     finally:
         stop()
+    logger.info("stopped")
     return url
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

@@ -24,14 +24,11 @@ from tokenmill.serve.params import to_sampling_params
 from tokenmill.serve.protocol import (
     AssistantMessage,
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    DeltaMessage,
 )
 
 
@@ -166,23 +163,24 @@ class OpenAIServing:
                 "choices": choices}
 
     def _chat_first_chunk(self, job: "_Job") -> dict[str, Any]:
-        choices = [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(job.n)]
-        return ChatCompletionChunk(id=job.id, created=job.created, model=self.model_name,
-                                   choices=choices).model_dump(exclude={"usage"})
+        choices = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                   for i in range(job.n)]
+        return {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": self.model_name,
+                "choices": choices}
 
     def _chat_chunk(self, job: "_Job", deltas: list, tt: TokenText) -> dict[str, Any]:
         k = job.logprobs
-        choices = [
-            ChatChunkChoice(
-                index=d.index,
-                delta=DeltaMessage(content=d.text) if d.text else DeltaMessage(),
-                logprobs=chat_logprobs(d.output, d.token_start, d.token_stop, k, tt) if k is not None else None,
-                finish_reason=d.finish_reason,
-            )
-            for d in deltas
-        ]
-        return ChatCompletionChunk(id=job.id, created=job.created, model=self.model_name,
-                                   choices=choices).model_dump(exclude={"usage"})
+        choices = []
+        for d in deltas:
+            logprobs = chat_logprobs(d.output, d.token_start, d.token_stop, k, tt) if k is not None else None
+            choices.append({
+                "index": d.index,
+                "delta": {"content": d.text} if d.text else {},
+                "logprobs": logprobs.model_dump() if logprobs is not None else None,
+                "finish_reason": d.finish_reason,
+            })
+        return {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": self.model_name,
+                "choices": choices}
 
 
 class _Job:

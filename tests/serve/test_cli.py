@@ -12,7 +12,7 @@ from tokenmill.serve.cli_generate import sampling_overrides
 def test_subcommands_are_registered_from_their_modules():
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command")
-    assert {"serve", "generate"} <= set(subparsers.choices)
+    assert {"serve", "generate", "bench"} <= set(subparsers.choices)
     with pytest.raises(SystemExit):
         parser.parse_args([])  # a subcommand is required
 
