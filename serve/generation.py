@@ -202,10 +202,11 @@ class _Job:
         engine = self.serving.engine
         try:
             for i, prompt in enumerate(prompts):
-                self.timers.append(self.serving.metrics.start_request())
+                timer = self.serving.metrics.start_request()
                 stream = await engine.add_request(f"{self.id}-{i}", prompt.engine_input, self.params,
                                                   timeout_s=timeout_s)
                 self.streams.append(stream)
+                self.timers.append(timer)  # rejected requests (400/429) stay out of the latency histograms
         except BaseException as exc:
             self.abort()
             error = _as_api_error(exc)

@@ -126,6 +126,24 @@ def test_logprobs_completions_and_chat(client, model):
     assert all(t.logprob <= t.top_logprobs[0].logprob + 1e-4 for t in content)  # greedy picks the top token
 
 
+def test_batched_prompts_and_echo(client, model):
+    r = client.completions.create(model=model, prompt=["Red, green,", "One, two,"], max_tokens=3, temperature=0,
+                                  echo=True)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].text.startswith("Red, green,") and r.choices[1].text.startswith("One, two,")
+    solo = client.completions.create(model=model, prompt="One, two,", max_tokens=3, temperature=0)
+    assert r.choices[1].text == "One, two," + solo.choices[0].text
+    ids = client.completions.create(model=model, prompt=[[504, 2988]], max_tokens=2, temperature=0)
+    assert ids.usage.prompt_tokens == 2
+
+
+def test_request_timeout_is_408(client, model):
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(model=model, prompt="Write a long essay.", max_tokens=200, temperature=0,
+                                  extra_body={"timeout_s": 0.2, "ignore_eos": True})
+    assert err.value.status_code == 408 and "time limit" in str(err.value)
+
+
 # ---------------------------------------------------------------------- errors
 def test_unknown_field_is_400_naming_it(client, model):
     with pytest.raises(openai.BadRequestError) as err:
@@ -212,7 +230,9 @@ def test_client_disconnect_mid_stream_aborts_and_frees_kv(server, model):
             received += sock.recv(4096)
         assert b"200 OK" in received
         assert kv_usage(server) > 0
-    assert wait_for(lambda: kv_usage(server) == 0, 15), server.get("/metrics").text
+    assert wait_for(lambda: kv_usage(server) == 0, 15), [
+        line for line in server.get("/metrics").text.splitlines() if "num_requests" in line or "kv_cache" in line
+    ]
     text = server.get("/metrics").text
     assert metric(text, "tokenmill_num_requests_running") == 0
 

@@ -10,7 +10,7 @@ from schemathesis.checks import not_a_server_error
 from tests.serve.conftest import make_engine
 from tokenmill.serve.api import build_app
 
-MAX_EXAMPLES = 25  # per operation
+MAX_EXAMPLES = 20  # per operation
 
 
 @pytest.fixture(scope="module")
