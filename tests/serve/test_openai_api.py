@@ -217,12 +217,16 @@ def test_errors_leave_the_server_serving(client, model):
 
 
 # ---------------------------------------------------------------------- disconnects and metrics
+def raw_request(body: dict) -> bytes:
+    raw = json.dumps(body).encode()
+    return (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n").encode() + raw
+
+
 def test_client_disconnect_mid_stream_aborts_and_frees_kv(server, model):
     body = {"model": model, "prompt": "Write a long story.", "max_tokens": 200, "temperature": 0, "stream": True,
             "ignore_eos": True}
-    raw = json.dumps(body).encode()
-    request = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n").encode() + raw
+    request = raw_request(body)
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(request)
         received = b""
@@ -235,6 +239,15 @@ def test_client_disconnect_mid_stream_aborts_and_frees_kv(server, model):
     ]
     text = server.get("/metrics").text
     assert metric(text, "tokenmill_num_requests_running") == 0
+
+
+def test_client_disconnect_while_waiting_for_a_full_answer_aborts(server, model):
+    body = {"model": model, "prompt": "Write a long poem.", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(raw_request(body))
+        assert wait_for(lambda: kv_usage(server) > 0, 15)
+    assert wait_for(lambda: kv_usage(server) == 0, 15)
+    assert metric(server.get("/metrics").text, "tokenmill_num_requests_running") == 0
 
 
 def test_metrics_counters_and_histograms(server, client, model):

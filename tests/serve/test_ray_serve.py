@@ -68,3 +68,20 @@ def test_announce_prints_a_curl_line(ray_server, capsys):
     announce(url, None)
     out = capsys.readouterr().out
     assert f"curl {url}/v1/completions" in out and '"prompt"' in out
+
+
+def test_serve_config_validation_and_replica_options():
+    from tokenmill.serve.deployment import ServeConfig, build_application
+
+    with pytest.raises(ValueError, match="min_replicas"):
+        ServeConfig(min_replicas=1)
+    with pytest.raises(ValueError, match="num_replicas"):
+        ServeConfig(num_replicas=0)
+    auto = build_application(ServeConfig(min_replicas=1, max_replicas=3, num_gpus_per_replica=0,
+                                         engine_kwargs={"max_num_seqs": 16}))._bound_deployment
+    scaling = auto._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (1, 3)
+    assert auto.max_ongoing_requests >= 16 and auto.ray_actor_options["num_gpus"] == 0
+    fixed = build_application(ServeConfig(num_replicas=2, num_gpus_per_replica=1))._bound_deployment
+    assert fixed.num_replicas == 2 and fixed.ray_actor_options["num_gpus"] == 1
+    assert fixed.max_ongoing_requests >= 64  # the engine's default max_num_seqs
