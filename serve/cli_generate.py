@@ -48,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    overrides = {field: getattr(args, dest) for dest, field in _SAMPLING_FLAGS.items() if getattr(args, dest) is not None}
+    overrides = {
+        field: getattr(args, dest) for dest, field in _SAMPLING_FLAGS.items() if getattr(args, dest) is not None
+    }
     if args.do_sample is not None:
         overrides["do_sample"] = args.do_sample
     if args.early_stopping is not None:

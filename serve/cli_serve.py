@@ -16,7 +16,8 @@ logger = logging.getLogger("tokenmill.serve")
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="Serve a model over an OpenAI-compatible HTTP API (Ray Serve).",
                                    description="Serve MODEL (default: SmolLM2-135M-Instruct) over HTTP.")
-    parser.add_argument("model", nargs="?", default=None, help="Local HF folder or .gguf file (default model if omitted).")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="Local HF folder or .gguf file (default model if omitted).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None, help="Model id clients send (default: the model's name).")

@@ -27,7 +27,9 @@ class _SamplingFields(_Request):
     """Fields shared by completions and chat completions."""
 
     model: str | None = Field(None, description="Model id from /v1/models (default: the served model).")
-    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32, description="Tokens to generate at most (default: up to the context).")
+    max_tokens: int | None = Field(
+        None, ge=1, le=MAX_INT32, description="Tokens to generate at most (default: up to the context)."
+    )
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1.0 (0 off beam search).")
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=128, description="Completions per prompt (beam search: <= num_beams).")

@@ -49,4 +49,5 @@ def test_generate_prints_the_completion(capsys):
     code = cli.main(["generate", "The capital of France is", "--max-new-tokens", "4", "--greedy",
                      "--max-model-len", "64", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert code == 0 and out.startswith("The capital of France is") and len(out.strip()) > len("The capital of France is")
+    prompt = "The capital of France is"
+    assert code == 0 and out.startswith(prompt) and len(out.strip()) > len(prompt)
