@@ -17,7 +17,7 @@ MAX_EXAMPLES = 20  # per operation
 def api_schema(loaded_model):
     # A short context and a per-request time limit bound the cost of whatever the fuzzer asks for
     # (a request that runs too long ends as a 408, which is not a server error).
-    engine = make_engine(loaded_model, request_timeout_s=3.0, max_model_len=64, max_num_seqs=8)
+    engine = make_engine(loaded_model, request_timeout_s=1.5, max_model_len=64, max_num_seqs=8)
     yield schemathesis.openapi.from_asgi("/openapi.json", build_app(engine))
     assert engine.is_healthy
     engine.shutdown()
