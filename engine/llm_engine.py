@@ -66,6 +66,9 @@ class LLMEngine:
             )
         self.loaded = loaded
         self.model = loaded.model
+        if getattr(self.model.config, "_attn_implementation", None) != register_attention():
+            # A model loaded elsewhere: route its attention through the paged cache.
+            self.model.set_attn_implementation(register_attention())
         self.tokenizer = loaded.tokenizer
         self.generation_config = loaded.generation_config
         self.model_name = config.model.model or "SmolLM2-135M-Instruct"

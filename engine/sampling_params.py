@@ -223,9 +223,6 @@ class SamplingParams:
         for name in names:
             if name in source and source[name] is not None:
                 kwargs[name] = source[name]
-        # HF stores min_p=None as "off" and allows top_k=None.
-        if source.get("top_k", 50) is None:
-            kwargs["top_k"] = 0
         if isinstance(kwargs.get("eos_token_id"), list):
             kwargs["eos_token_id"] = tuple(kwargs["eos_token_id"])
         kwargs.pop("logprobs", None)

@@ -29,7 +29,7 @@ NEW = 24  # max_length = prompt + NEW
 def setup():
     loaded = default_loaded()
     ref = AutoModelForCausalLM.from_pretrained(loaded.model_path, attn_implementation="sdpa", local_files_only=True)
-    llm = LLM(loaded=loaded, max_num_seqs=1024, max_model_len=512)
+    llm = LLM(loaded=loaded, max_num_seqs=1024, max_model_len=512, num_kv_blocks=600)
     return loaded, ref.eval(), llm
 
 
@@ -102,7 +102,7 @@ def test_walkthrough_sampling_follows_hf_distribution(setup, name) -> None:
     loaded, ref, llm = setup
     kwargs = WALKTHROUGH_SAMPLING[name]
     prompt = loaded.tokenizer.encode(PROMPTS[0])
-    n = 1000
+    n = 400
     params = SamplingParams(do_sample=True, max_new_tokens=1, num_return_sequences=n, seed=7, logprobs=5, **kwargs)
     out = llm.generate([prompt], params, use_tqdm=False)[0]
     tokens = torch.tensor([c.token_ids[0] for c in out.outputs])
@@ -121,7 +121,7 @@ def test_walkthrough_sampling_follows_hf_distribution(setup, name) -> None:
     exp = torch.cat([expected[big], expected[~big].sum().view(1)])
     if exp[-1] < 5:
         obs, exp = obs[:-1], exp[:-1]
-        exp = exp * obs.sum() / exp.sum()
+    exp = exp * obs.sum() / exp.sum()
     p = stats.chisquare(obs.numpy(), exp.numpy()).pvalue
     assert p > 1e-4, f"first-token distribution differs from HF's (p={p:.2e})"
 
@@ -156,7 +156,7 @@ def test_beams_batched_with_others_and_preempted(arch) -> None:
         SamplingParams(max_new_tokens=20, do_sample=True, seed=5, ignore_eos=True),
     ]
     calm = LLM(loaded=loaded).generate(prompts, params, use_tqdm=False)
-    tight = LLM(loaded=loaded, num_kv_blocks=9, block_size=8)
+    tight = LLM(loaded=loaded, num_kv_blocks=20, block_size=8)
     squeezed = tight.generate(prompts, params, use_tqdm=False)
     assert tight.llm_engine.scheduler.num_preemptions_total > 0
     for a, b in zip(calm, squeezed):
