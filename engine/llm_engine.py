@@ -66,6 +66,8 @@ class LLMEngine:
             )
         self.loaded = loaded
         self.model = loaded.model
+        param = next(self.model.parameters())
+        device, dtype = param.device, param.dtype
         if getattr(self.model.config, "_attn_implementation", None) != register_attention():
             # A model loaded elsewhere: route its attention through the paged cache.
             self.model.set_attn_implementation(register_attention())

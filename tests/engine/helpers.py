@@ -42,19 +42,43 @@ def default_loaded() -> LoadedModel:
     return load_model(attn_implementation=register_attention())
 
 
-def tiny_pair(arch: str, seed: int = 0) -> tuple[LoadedModel, torch.nn.Module]:
+TOKENIZER_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world! How are you today? I'm fine, thanks.",
+    "def main():\n    return [x * 2 for x in range(10)]\n",
+    "Numbers 12345 and symbols #$%&*()[]{} <tags> too.",
+] * 8
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """A byte-level BPE of VOCAB ids trained here, so tiny models need no model files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tk.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
+
+
+def tiny_pair(arch: str, seed: int = 0, device: str = "cpu", dtype=torch.float32) -> tuple[LoadedModel, torch.nn.Module]:
     """(tokenmill-attention model wrapped as LoadedModel, the same weights with HF's sdpa attention)."""
     config = tiny_config(arch)
     config.eos_token_id = None
     config.bos_token_id = None
     torch.manual_seed(seed)
-    ref = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ref = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval().to(device, dtype)
     ref.generation_config.eos_token_id = None
     ref.generation_config.pad_token_id = 0
     ours = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=register_attention()).eval()
-    ours.load_state_dict(ref.state_dict())
+    ours.to(device, dtype).load_state_dict(ref.state_dict())
     ours.generation_config = ref.generation_config
-    tok = default_loaded().tokenizer
+    tok = tiny_tokenizer()
     loaded = LoadedModel(
         model=ours, tokenizer=tok, generation_config=ref.generation_config, model_path="", max_model_len=512
     )
@@ -67,7 +91,7 @@ def random_prompts(lengths: list[int], seed: int = 0, vocab: int = VOCAB) -> lis
 
 
 def hf_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=model.device)
     with torch.no_grad():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens, **kwargs

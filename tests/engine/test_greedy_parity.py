@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from tests.engine.helpers import default_loaded, hf_greedy, random_prompts, tiny_pair
@@ -92,3 +93,21 @@ def test_default_model_greedy_matches_hf(default_pair) -> None:
         assert out.outputs[0].token_ids == want
         assert out.outputs[0].text == tok.decode(want, skip_special_tokens=True)
         assert out.outputs[0].finish_reason == ("stop" if len(want) < 20 else "length")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
+@pytest.mark.parametrize("variant", ["default", "preemption", "chunked_prefill"])
+def test_greedy_matches_hf_on_cuda(arch: str, variant: str) -> None:
+    """The same parity on the GPU: Triton attention, sampling and penalty kernels in the loop."""
+    loaded, ref = tiny_pair(arch, device="cuda")
+    prompts = random_prompts(LENGTHS, seed=1)
+    prompts += [prompts[3][:32] + p for p in random_prompts([7, 9], seed=2)]
+    llm = make_llm(loaded, **ENGINE_VARIANTS[variant])
+    assert llm.llm_engine.runner.device.type == "cuda"
+    got = run_greedy(llm, prompts)
+    want = [hf_greedy(ref, p, MAX_NEW) for p in prompts]
+    assert got == want
+    engine = llm.llm_engine
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
