@@ -99,23 +99,25 @@ def build_workload(args: argparse.Namespace, loaded: Any) -> list[BenchRequest]:
     return random_token_workload(args.num_requests, prompt_lens, output_lens, vocab_size_of(loaded.model), args.seed)
 
 
+def _progress(result: Any) -> Any:
+    status = result.skipped or f"{result.num_output_tokens} tokens in {result.seconds:.1f} s"
+    print(f"  [{result.workload}] {result.backend}: {status}", flush=True)
+    return result
+
+
 def run_workload(args: argparse.Namespace, loaded: Any, requests: list[BenchRequest], spec: Any) -> list[Any]:
+    """[tokenmill, hf-generate, hf-generate-batch] results (the last two absent with --skip-hf)."""
     from tokenmill.serve import bench_backends as backends
 
     warmup = not args.no_warmup
     results = []
     if not args.skip_hf:  # transformers first: on a GPU, tokenmill's KV cache is freed only after its run
-        logger.info("workload %s: hf-generate", spec.name)
-        results.append(backends.run_hf_generate(loaded.model, requests, spec, args.hf_batch_size, warmup))
+        results.append(_progress(backends.run_hf_generate(loaded.model, requests, spec, args.hf_batch_size, warmup)))
         if args.skip_generate_batch:
             results.append(backends.skipped("hf-generate-batch", spec.name, "--skip-generate-batch"))
         else:
-            logger.info("workload %s: hf-generate-batch", spec.name)
-            results.append(
-                backends.run_hf_generate_batch(
-                    loaded.model, requests, spec, args.max_num_seqs, args.max_num_batched_tokens, warmup
-                )
-            )
+            results.append(_progress(backends.run_hf_generate_batch(
+                loaded.model, requests, spec, args.max_num_seqs, args.max_num_batched_tokens, warmup)))
     engine_kwargs = dict(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -125,13 +127,12 @@ def run_workload(args: argparse.Namespace, loaded: Any, requests: list[BenchRequ
         dtype=args.dtype,
         seed=args.seed,
     )
-    logger.info("workload %s: tokenmill", spec.name)
     try:
         ours = backends.run_tokenmill(loaded, requests, spec, engine_kwargs, warmup)
     except Exception as error:  # keep the transformers numbers; the exit code says it failed
         logger.exception("tokenmill failed on workload %s", spec.name)
         ours = backends.skipped("tokenmill", spec.name, f"FAILED: {type(error).__name__}: {error}")
-    return [ours, *results]
+    return [_progress(ours), *results]
 
 
 def ratios(results: list[Any]) -> dict[str, float]:
@@ -173,20 +174,27 @@ def format_report(spec: Any, requests: list[BenchRequest], results: list[Any], m
 
 
 def run_throughput(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    if args.model is not None and args.random_model is not None:
+        raise SystemExit("give --model or --random-model, not both")
+    if args.num_threads is not None and args.num_threads < 1:
+        raise SystemExit(f"--num-threads={args.num_threads} is invalid: allowed an integer >= 1")
+    transformers.logging.set_verbosity_error()
+    previous_threads = torch.get_num_threads()
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    try:
+        return _run_throughput(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_throughput(args: argparse.Namespace) -> int:
     from tokenmill.serve.bench_backends import DecodeSpec
     from tokenmill.serve.bench_models import load_bench_model, resolve_device_dtype
 
-    import transformers
-
-    import torch
-
-    transformers.logging.set_verbosity_error()
-    if args.num_threads is not None:
-        if args.num_threads < 1:
-            raise SystemExit(f"--num-threads={args.num_threads} is invalid: allowed an integer >= 1")
-        torch.set_num_threads(args.num_threads)
-    if args.model is not None and args.random_model is not None:
-        raise SystemExit("give --model or --random-model, not both")
     device, _ = resolve_device_dtype(args.device, args.dtype)
     loaded = load_bench_model(args.model, args.random_model, args.device, args.dtype, args.seed)
     model_name = f"random {args.random_model} Llama" if args.random_model else (args.model or "SmolLM2-135M-Instruct")
@@ -197,7 +205,12 @@ def run_throughput(args: argparse.Namespace) -> int:
     }
     names = ["greedy", "beam"] if args.workload == "all" else [args.workload]
     exit_code = 0
-    report: dict[str, Any] = {"machine": machine_info(device), "model": model_name, "args": vars(args), "workloads": {}}
+    report: dict[str, Any] = {
+        "machine": machine_info(device),
+        "model": model_name,
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "workloads": {},
+    }
     print(f"machine: {report['machine']}", flush=True)
     for name in names:
         spec = specs[name]

@@ -178,7 +178,7 @@ def test_bench_throughput_tiny_random_model(tmp_path, capsys):
     args = _parser(bench.add_throughput_parser).parse_args([
         "--random-model", "tiny", "--device", "cpu", "--workload", "all", "--num-requests", "4",
         "--min-prompt-len", "4", "--max-prompt-len", "12", "--min-output-len", "3", "--max-output-len", "6",
-        "--hf-batch-size", "2", "--num-beams", "2", "--no-warmup", "--json", str(out_json),
+        "--hf-batch-size", "2", "--num-beams", "2", "--no-warmup", "--num-threads", "1", "--json", str(out_json),
     ])
     assert args.func(args) == 0
     report = json.loads(out_json.read_text())
