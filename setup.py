@@ -1,5 +1,8 @@
 from setuptools import setup
 
+SERVE_REQUIRES = ["ray[serve]>=2.40", "fastapi", "uvicorn", "pydantic>=2", "prometheus_client", "httpx", "aiohttp"]
+BENCH_REQUIRES = ["matplotlib"]
+
 setup(
     name="tokenmill",
     version="0.1.0",
@@ -14,7 +17,7 @@ setup(
     },
     install_requires=[
         "torch==2.13.0",
-        "transformers>=4.56",
+        "transformers>=5.17,<6",
         "tokenizers",
         "safetensors",
         "gguf>=0.10",
@@ -24,32 +27,9 @@ setup(
         "triton>=3.2",
     ],
     extras_require={
-        "serve": [
-            "ray[serve]>=2.40",
-            "fastapi",
-            "uvicorn",
-            "pydantic>=2",
-            "prometheus_client",
-            "httpx",
-            "aiohttp",
-        ],
-        "bench": ["matplotlib"],
-        "test": [
-            "pytest",
-            "pytest-timeout",
-            "hypothesis",
-            "scipy",
-            "openai",
-            "schemathesis",
-            "ray[serve]>=2.40",
-            "fastapi",
-            "uvicorn",
-            "pydantic>=2",
-            "prometheus_client",
-            "httpx",
-            "aiohttp",
-            "matplotlib",
-        ],
+        "serve": SERVE_REQUIRES,
+        "bench": BENCH_REQUIRES,
+        "test": SERVE_REQUIRES + BENCH_REQUIRES + ["pytest", "pytest-timeout", "hypothesis", "scipy", "openai", "schemathesis"],
     },
     entry_points={"console_scripts": ["tokenmill=tokenmill.serve.cli:main"]},
 )
