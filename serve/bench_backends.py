@@ -49,6 +49,7 @@ class RunResult:
     peak_memory_bytes: int
     memory_kind: str  # "rss" (process, CPU) or "cuda_max_allocated"
     skipped: str | None = None  # why the backend did not run
+    cpu_seconds: float = 0.0  # process CPU time (all threads) in the timed run: robust to a busy machine
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -68,7 +69,12 @@ class RunResult:
             "output_tokens_per_s": self.output_tokens_per_s,
             "computed_tokens_per_s": self.computed_tokens_per_s,
             "requests_per_s": self.requests_per_s,
+            "output_tokens_per_cpu_s": self.output_tokens_per_cpu_s,
         }
+
+    @property
+    def output_tokens_per_cpu_s(self) -> float:
+        return self.num_output_tokens / self.cpu_seconds if self.cpu_seconds > 0 else 0.0
 
 
 def skipped(backend: str, workload: str, reason: str) -> RunResult:
@@ -167,10 +173,10 @@ def run_tokenmill(
             llm.generate([list(r.prompt_ids) for r in warm], [params(r) for r in warm], use_tqdm=False)
         prompts = [list(r.prompt_ids) for r in requests]
         with PeakMemory(device) as mem:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             outputs = llm.generate(prompts, [params(r) for r in requests], use_tqdm=False)
             _sync(device)
-            seconds = time.perf_counter() - start
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         generated = [len(o.outputs[0].token_ids) for o in outputs]
         failed = [o.outputs[0].finish_reason for o in outputs if o.outputs[0].finish_reason not in ("length", "stop")]
         if failed:
@@ -181,7 +187,8 @@ def run_tokenmill(
         del llm
         free_memory(device)
     useful = sum(min(g, r.output_len) for g, r in zip(generated, requests))
-    return RunResult("tokenmill", spec.name, len(requests), useful, sum(generated), seconds, mem.peak_bytes, mem.kind)
+    return RunResult("tokenmill", spec.name, len(requests), useful, sum(generated), seconds, mem.peak_bytes, mem.kind,
+                     cpu_seconds=cpu_seconds)
 
 
 # ---------------------------------------------------------------------------------- HF generate
@@ -227,16 +234,17 @@ def run_hf_generate(model: Any, requests: list[BenchRequest], spec: DecodeSpec, 
             _hf_generate_batch(model, _warmup_requests(model.get_output_embeddings().weight.shape[0]), spec, pad_id)
         useful = computed = 0
         with PeakMemory(device) as mem:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for i in range(0, len(requests), batch_size):
                 batch = requests[i : i + batch_size]
                 num_positions = _hf_generate_batch(model, batch, spec, pad_id)
                 useful += sum(min(r.output_len, num_positions) for r in batch)
                 computed += num_positions * len(batch)
             _sync(device)
-            seconds = time.perf_counter() - start
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     free_memory(device)
-    return RunResult(name, spec.name, len(requests), useful, computed, seconds, mem.peak_bytes, mem.kind)
+    return RunResult(name, spec.name, len(requests), useful, computed, seconds, mem.peak_bytes, mem.kind,
+                     cpu_seconds=cpu_seconds)
 
 
 # ---------------------------------------------------------------------------------- HF continuous batching
@@ -290,18 +298,19 @@ def run_hf_generate_batch(
                     ids = [manager.add_request(list(r.prompt_ids), max_new_tokens=r.output_len, eos_token_id=-1) for r in warm]
                     _wait_all(manager, ids)
                 with PeakMemory(device) as mem:
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     ids = [
                         manager.add_request(list(r.prompt_ids), max_new_tokens=r.output_len, eos_token_id=-1)
                         for r in requests
                     ]
                     results = _wait_all(manager, ids)
                     _sync(device)
-                    seconds = time.perf_counter() - start
+                    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     except Exception as error:  # report and go on: the other backends' numbers still stand
         return skipped(name, spec.name, f"{type(error).__name__}: {error}")
     finally:
         free_memory(device)
     generated = [len(results[i].generated_tokens) for i in ids]
     useful = sum(min(g, r.output_len) for g, r in zip(generated, requests))
-    return RunResult(name, spec.name, len(requests), useful, sum(generated), seconds, mem.peak_bytes, mem.kind)
+    return RunResult(name, spec.name, len(requests), useful, sum(generated), seconds, mem.peak_bytes, mem.kind,
+                     cpu_seconds=cpu_seconds)

@@ -135,14 +135,15 @@ def run_workload(args: argparse.Namespace, loaded: Any, requests: list[BenchRequ
     return [_progress(ours), *results]
 
 
-def ratios(results: list[Any]) -> dict[str, float]:
+def ratios(results: list[Any], per: str = "output_tokens_per_s") -> dict[str, float]:
+    """tokenmill's useful output tokens per second (or `per` another rate) over each other backend's."""
     ours = results[0]
     out: dict[str, float] = {}
     if ours.skipped is not None:
         return out
     for r in results[1:]:
-        if r.skipped is None and r.output_tokens_per_s > 0:
-            out[f"tokenmill/{r.backend}"] = ours.output_tokens_per_s / r.output_tokens_per_s
+        if r.skipped is None and getattr(r, per) > 0:
+            out[f"tokenmill/{r.backend}"] = getattr(ours, per) / getattr(r, per)
     return out
 
 
@@ -154,7 +155,8 @@ def format_report(spec: Any, requests: list[BenchRequest], results: list[Any], m
         f"no_repeat_ngram_size={spec.no_repeat_ngram_size}, ignore_eos",
         f"   prompt tokens {num_prompt} (len {min(r.prompt_len for r in requests)}..{max(r.prompt_len for r in requests)}), "
         f"output tokens asked {num_output} (len {min(r.output_len for r in requests)}..{max(r.output_len for r in requests)})",
-        f"{'backend':<26}{'out tokens':>11}{'seconds':>10}{'tok/s':>10}{'req/s':>9}{'computed tok/s':>16}{'peak mem MiB':>14}",
+        f"{'backend':<26}{'out tokens':>11}{'seconds':>10}{'tok/s':>10}{'req/s':>9}{'computed tok/s':>16}"
+        f"{'cpu s':>9}{'tok/cpu-s':>11}{'peak mem MiB':>14}",
     ]
     for r in results:
         if r.skipped is not None:
@@ -162,10 +164,12 @@ def format_report(spec: Any, requests: list[BenchRequest], results: list[Any], m
             continue
         lines.append(
             f"{r.backend:<26}{r.num_output_tokens:>11}{r.seconds:>10.2f}{r.output_tokens_per_s:>10.1f}"
-            f"{r.requests_per_s:>9.3f}{r.computed_tokens_per_s:>16.1f}{r.peak_memory_bytes / 2**20:>10.0f} {r.memory_kind}"
+            f"{r.requests_per_s:>9.3f}{r.computed_tokens_per_s:>16.1f}{r.cpu_seconds:>9.1f}"
+            f"{r.output_tokens_per_cpu_s:>11.1f}{r.peak_memory_bytes / 2**20:>10.0f} {r.memory_kind}"
         )
+    per_cpu = ratios(results, "output_tokens_per_cpu_s")
     for name, value in ratios(results).items():
-        lines.append(f"ratio {name} (useful output tokens/s): {value:.2f}x")
+        lines.append(f"ratio {name} (useful output tokens/s): {value:.2f}x; per CPU second: {per_cpu.get(name, 0):.2f}x")
     target = TARGETS.get(spec.name)
     hf = next((v for k, v in ratios(results).items() if k.startswith("tokenmill/hf-generate (")), None)
     if target is not None and hf is not None:
@@ -223,6 +227,7 @@ def _run_throughput(args: argparse.Namespace) -> int:
             "num_output_tokens_asked": sum(r.output_len for r in requests),
             "results": [r.as_dict() for r in results],
             "ratios": ratios(results),
+            "ratios_per_cpu_second": ratios(results, "output_tokens_per_cpu_s"),
             "target": TARGETS.get(name),
         }
     if args.json:

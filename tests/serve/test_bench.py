@@ -191,6 +191,8 @@ def test_bench_throughput_tiny_random_model(tmp_path, capsys):
         assert ours["num_output_tokens"] == asked and hf["num_output_tokens"] == asked
         assert hf["num_computed_tokens"] >= asked  # static batches run to their longest request
         assert ours["seconds"] > 0 and ours["peak_memory_bytes"] > 0 and ours["memory_kind"] == "rss"
+        assert ours["cpu_seconds"] > 0 and hf["cpu_seconds"] > 0
+        assert "tokenmill/hf-generate (batch 2)" in workload["ratios_per_cpu_second"]
         assert math.isclose(workload["ratios"]["tokenmill/hf-generate (batch 2)"],
                             ours["output_tokens_per_s"] / hf["output_tokens_per_s"])
     greedy_batch = {r["backend"]: r for r in report["workloads"]["greedy"]["results"]}["hf-generate-batch"]
@@ -215,3 +217,10 @@ def test_bench_is_a_tokenmill_subcommand_group():
     assert args.workload == "beam" and args.hf_batch_size == 4 and callable(args.func)
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "serve", "--max-concurrency", "0"])
+
+
+def test_tokenmill_console_script_has_bench():
+    from tokenmill.serve.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "throughput", "--random-model", "tiny", "--num-requests", "2"])
+    assert args.command == "bench" and args.bench_command == "throughput" and args.num_requests == 2
