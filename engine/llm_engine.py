@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import random
@@ -75,14 +76,14 @@ class LLMEngine:
         self.generation_config = loaded.generation_config
         self.model_name = config.model.model or "SmolLM2-135M-Instruct"
         self.max_model_len = self._resolve_max_model_len(config, loaded)
-        self.scheduler_config = SchedulerConfig(**{**config.scheduler.__dict__, "max_model_len": self.max_model_len})
+        self.scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
 
         num_blocks = self._num_kv_blocks(config.cache, device, dtype)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=config.cache.block_size)
-        self.updater = StepUpdater(self.block_manager, self.max_model_len)
+        self.updater = StepUpdater(self.block_manager, self.tokenizer, self.max_model_len)
         capacity = num_blocks * config.cache.block_size
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len=%d: %.2fx",
@@ -231,7 +232,7 @@ class LLMEngine:
                 f"{len(token_ids) + max_new} tokens) but the whole cache has {self.block_manager.num_blocks}; "
                 "lower max_new_tokens or num_beams/num_return_sequences, or raise num_kv_blocks"
             )
-        self.updater.prepare_group(group, self.tokenizer)
+        self.updater.prepare_group(group)
         self.requests[request_id] = group
         self.scheduler.add(group)
         self.prompt_tokens_total += len(token_ids)

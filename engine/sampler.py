@@ -51,11 +51,13 @@ class Sampler:
         top_k = [p.top_k if p.do_sample else 0 for p in params]
         top_p = [p.top_p if p.do_sample else 1.0 for p in params]
         min_p = [(p.min_p or 0.0) if p.do_sample else 0.0 for p in params]
+        processed = x
         if extra:
             # typical/epsilon/eta follow top-p/min-p in HF's order: filter those rows fully first,
             # then let the kernel only draw from them.
             sel = torch.tensor(extra, device=device)
-            x[sel] = apply_warpers(x[sel], [inputs[i] for i in extra])
+            x = processed.clone()
+            x[sel] = apply_warpers(processed[sel], [inputs[i] for i in extra])
             for i in extra:
                 temperature[i], top_k[i], top_p[i], min_p[i] = 1.0, 0, 1.0, 0.0
 
@@ -72,13 +74,16 @@ class Sampler:
             t([r.offset for r in rows], torch.int64),
             t([not p.do_sample for p in params], torch.bool),
         )
-        top = self._top_logprobs(x, rows, token_ids)
+        top = self._top_logprobs(processed, rows, token_ids)
         return SamplerOutput(token_ids.tolist(), logprobs.tolist(), top)
 
     def _top_logprobs(
         self, x: torch.Tensor, rows: list[SampleRow], token_ids: torch.Tensor
     ) -> list[dict[int, float] | None]:
-        """The chosen token's and the top-k log-probabilities of the processed distribution, where asked."""
+        """The chosen token's and the top-k log-probabilities of the processed distribution, where asked.
+
+        x: the processed logits before any warper; sampled rows are warped here as they were drawn.
+        """
         out: list[dict[int, float] | None] = [None] * len(rows)
         asked = [i for i, r in enumerate(rows) if r.row.params.logprobs is not None]
         if not asked:

@@ -18,16 +18,15 @@ from tokenmill.engine.sequence import Sequence, SequenceGroup
 
 
 class StepUpdater:
-    def __init__(self, block_manager: BlockManager, max_model_len: int) -> None:
+    def __init__(self, block_manager: BlockManager, tokenizer, max_model_len: int) -> None:
         self.block_manager = block_manager
+        self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.sampler = Sampler()
-        self.tokenizer = None
         self._num_new_tokens = 0
 
-    def prepare_group(self, group: SequenceGroup, tokenizer) -> None:
+    def prepare_group(self, group: SequenceGroup) -> None:
         """Attach what a new request needs: detokenizers (samples) or a beam search state (beams)."""
-        self.tokenizer = tokenizer
         if group.params.use_beam_search:
             generator = torch.Generator().manual_seed(group.seed) if group.params.do_sample else None
             group.beam_search = BeamSearch(
