@@ -193,6 +193,7 @@ class LLMEngine:
             text = None
             token_ids = [int(t) for t in prompt]
         self._validate_prompt(token_ids)
+        self._validate_param_token_ids(params)
         max_new = params.max_tokens_for(len(token_ids))
         if max_new is None:
             max_new = self.max_model_len - len(token_ids)
@@ -247,6 +248,20 @@ class LLMEngine:
             raise ValueError(
                 f"prompt has {len(token_ids)} tokens: allowed fewer than max_model_len ({self.max_model_len})"
             )
+
+    def _validate_param_token_ids(self, params: SamplingParams) -> None:
+        # Ids that index the logits are checked here, not in the step: a bad one found while sampling
+        # would fail every request in the batch. (EOS and stop ids past the vocabulary never match: harmless.)
+        fields = {
+            "logit_bias": list(params.logit_bias or ()),
+            "bad_words_ids": [t for word in params.bad_words_ids or () for t in word],
+        }
+        for name, ids in fields.items():
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"SamplingParams.{name} holds token id {bad[0]}: allowed ids in [0, {self.vocab_size})"
+                )
 
     def _model_eos_ids(self) -> tuple[int, ...]:
         eos = self.generation_config.eos_token_id
