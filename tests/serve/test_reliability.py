@@ -21,8 +21,8 @@ from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.serve.api import build_app
 
 NUM_CLIENTS = 64
-LOAD_DURATION_S = 45.0  # clients start new requests until then; in-flight ones finish
-MAX_REQUESTS_PER_CLIENT = 6
+LOAD_DURATION_S = 60.0  # clients start new requests until then; in-flight ones finish
+MAX_REQUESTS_PER_CLIENT = 12
 NUM_KV_TOKENS = 12
 PROBE_PROMPT = "The three primary colours are"  # asked greedily by every client: one answer for all
 
