@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Union
 
 EarlyStopping = Union[bool, str]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    """A finite real number (NaN and infinities are rejected everywhere)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _bad(field_name: str, value: Any, allowed: str) -> ValueError:
@@ -61,33 +71,45 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
-        # Normalise list-like inputs into hashable tuples (the object stays frozen).
+        # Normalise list-like inputs into hashable tuples (the object stays frozen), checking their
+        # shape first so a wrong type is a ValueError that names the field.
         def setf(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        if isinstance(self.stop, str):
-            setf("stop", (self.stop,))
-        elif self.stop is None:
+        def int_tuple(name: str, value: Any, allowed: str) -> tuple[int, ...]:
+            if not isinstance(value, (list, tuple)) or not all(_is_int(t) for t in value):
+                raise _bad(name, value, allowed)
+            return tuple(value)
+
+        if self.stop is None:
             setf("stop", ())
-        else:
+        elif isinstance(self.stop, str):
+            setf("stop", (self.stop,))
+        elif isinstance(self.stop, (list, tuple)):
             setf("stop", tuple(self.stop))
-        setf("stop_token_ids", tuple(self.stop_token_ids or ()))
+        else:
+            raise _bad("stop", self.stop, "a string, a list of strings, or None")
+        setf("stop_token_ids", int_tuple("stop_token_ids", self.stop_token_ids or (), "a list of token ids"))
         if isinstance(self.eos_token_id, (list, tuple)):
-            setf("eos_token_id", tuple(int(t) for t in self.eos_token_id))
+            setf("eos_token_id", int_tuple("eos_token_id", self.eos_token_id, "a token id, a list of them, or None"))
         if self.bad_words_ids is not None:
-            setf("bad_words_ids", tuple(tuple(int(t) for t in w) for w in self.bad_words_ids))
+            words = self.bad_words_ids
+            if not isinstance(words, (list, tuple)) or not all(isinstance(w, (list, tuple)) for w in words):
+                raise _bad("bad_words_ids", words, "a list of non-empty lists of token ids")
+            setf("bad_words_ids", tuple(int_tuple("bad_words_ids", w, "lists of token ids") for w in words))
         if self.logit_bias is not None:
-            setf("logit_bias", {int(k): float(v) for k, v in dict(self.logit_bias).items()})
+            bias = self.logit_bias
+            if not isinstance(bias, dict):
+                raise _bad("logit_bias", bias, "a mapping of token id to a number in [-100, 100]")
+            try:
+                setf("logit_bias", {int(k): float(v) for k, v in bias.items()})
+            except (TypeError, ValueError):
+                raise _bad("logit_bias", bias, "a mapping of token id to a number in [-100, 100]") from None
         self._validate()
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
+        is_int, is_num = _is_int, _is_num
         if self.max_new_tokens is not None and (not is_int(self.max_new_tokens) or self.max_new_tokens < 1):
             raise _bad("max_new_tokens", self.max_new_tokens, "an integer >= 1 or None")
         if self.max_length is not None and (not is_int(self.max_length) or self.max_length < 1):
