@@ -276,7 +276,6 @@ class LLMEngine:
         for rid in ids:
             group = self.requests.pop(rid, None)
             if group is not None:
-                group.aborted = True
                 self.scheduler.remove(group)
 
     def has_unfinished_requests(self) -> bool:

@@ -23,9 +23,9 @@ def append_token(
     stop_str = seq.detokenizer.append(token_id) if seq.detokenizer is not None else None
     if stop_str is not None:
         seq.finish_reason, seq.stop_reason = "stop", stop_str
-    elif token_id in group.eos_token_ids and seq.num_output_tokens > group.min_new_tokens - 1:
-        seq.finish_reason, seq.stop_reason = "stop", token_id
-    elif token_id in params.stop_token_ids and seq.num_output_tokens > group.min_new_tokens - 1:
+    elif seq.num_output_tokens >= group.min_new_tokens and (
+        token_id in group.eos_token_ids or token_id in params.stop_token_ids
+    ):
         seq.finish_reason, seq.stop_reason = "stop", token_id
     elif seq.num_output_tokens >= group.max_new_tokens or seq.num_tokens >= max_model_len:
         seq.finish_reason = "length"

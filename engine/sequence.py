@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import enum
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -12,12 +10,6 @@ from tokenmill.engine.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from tokenmill.engine.beam_search import BeamSearch
     from tokenmill.engine.detokenizer import IncrementalDetokenizer
-
-
-class SequenceStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
 
 
 @dataclass
@@ -85,7 +77,6 @@ class SequenceGroup:
         min_new_tokens: int,
         seed: int,
         seq_ids: Iterator[int],
-        arrival_time: float | None = None,
     ) -> None:
         self._seq_ids = seq_ids  # the engine's id counter
         self.request_id = request_id
@@ -96,8 +87,6 @@ class SequenceGroup:
         self.max_new_tokens = max_new_tokens
         self.min_new_tokens = min_new_tokens
         self.seed = seed
-        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
-        self.first_token_time: float | None = None
         self.num_cached_tokens = 0
         self.seqs: list[Sequence] = [self.new_seq(list(prompt_token_ids), index=0)]
         self.finished_seqs: list[Sequence] = []  # samples that finished before their siblings
@@ -105,7 +94,6 @@ class SequenceGroup:
         self.beam_search: BeamSearch | None = None
         self.final_outputs: list[Any] | None = None  # beam hypotheses once done
         self.error: str | None = None
-        self.aborted = False
 
     def new_seq(self, token_ids: list[int], index: int) -> Sequence:
         return Sequence(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from tokenmill.engine.beam_search import BeamSearch
@@ -82,29 +80,22 @@ class StepUpdater:
                     rows.append(SampleRow(row, logits_row[seq.seq_id], seed, target.num_tokens))
                     targets.append((group, target))
 
-        progressed: list[SequenceGroup] = []
+        progressed: dict[str, SequenceGroup] = {}  # by request id, in batch order
         if rows:
             out = self.sampler(logits, rows)
             for (group, seq), tok, lp, top in zip(targets, out.token_ids, out.logprobs, out.top_logprobs):
                 append_token(group, seq, tok, lp, top, self.max_model_len)
-                if group not in progressed:
-                    progressed.append(group)
+                progressed[group.request_id] = group
             self._num_new_tokens += len(rows)
-            for group in progressed:
+            for group in progressed.values():
                 self._retire_finished(group)
 
         for group in beam_groups:
             self._beam_step(group, logits, logits_row)
-            if group.is_finished:
-                progressed.append(group)
+            if group.is_finished:  # beams report once, at the end
+                progressed[group.request_id] = group
 
-        outputs = []
-        for group in progressed:
-            if group.first_token_time is None:
-                group.first_token_time = time.monotonic()
-            if group.beam_search is None or group.is_finished:
-                outputs.append(request_output(group, finished=group.is_finished))
-        return outputs
+        return [request_output(g, finished=g.is_finished) for g in progressed.values()]
 
     def _fork(self, group: SequenceGroup, parent: Sequence, child: Sequence) -> Sequence:
         self.block_manager.fork(parent, child)
