@@ -8,7 +8,7 @@ setup(
     version="0.1.0",
     description="High-throughput batched text generation: continuous batching, paged KV cache, Triton kernels, Ray Serve.",
     python_requires=">=3.10",
-    packages=["tokenmill", "tokenmill.kernels", "tokenmill.engine", "tokenmill.serve"],
+    packages=["tokenmill", "tokenmill.bench", "tokenmill.kernels", "tokenmill.engine", "tokenmill.serve"],
     package_dir={
         "tokenmill": "tokenmill",
         "tokenmill.kernels": "kernels",

@@ -3,12 +3,12 @@
     tokenmill serve &                                    # or any OpenAI-compatible server
     python benchmarks/serve_load.py --num-prompts 32 --max-concurrency 1,4,16 --plot serve.png
 
-Same implementation as `tokenmill bench serve` (tokenmill.serve.bench_serve).
+Same implementation as `tokenmill bench serve` (tokenmill.bench.serve).
 """
 
 import sys
 
-from tokenmill.serve.bench import serve_main
+from tokenmill.bench.commands import serve_main
 
 if __name__ == "__main__":
     sys.exit(serve_main())

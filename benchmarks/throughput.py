@@ -4,12 +4,12 @@
     python benchmarks/throughput.py --workload all --json out.json
     python benchmarks/throughput.py --random-model 135m --device cuda
 
-Same implementation as `tokenmill bench throughput` (tokenmill.serve.bench_throughput).
+Same implementation as `tokenmill bench throughput` (tokenmill.bench.throughput).
 """
 
 import sys
 
-from tokenmill.serve.bench import throughput_main
+from tokenmill.bench.commands import throughput_main
 
 if __name__ == "__main__":
     sys.exit(throughput_main())

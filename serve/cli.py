@@ -16,7 +16,7 @@ import sys
 SUBCOMMAND_MODULES = (
     "tokenmill.serve.cli_serve",
     "tokenmill.serve.cli_generate",
-    "tokenmill.serve.bench",
+    "tokenmill.bench.commands",
 )
 
 

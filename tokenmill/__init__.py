@@ -5,6 +5,14 @@
 """
 
 import importlib
+import os
+
+# From a plain checkout (repository root on sys.path, nothing installed), `tokenmill.kernels`,
+# `tokenmill.engine` and `tokenmill.serve` are the root's kernels/, engine/ and serve/ folders: the
+# root joins the package's search path. An installed copy maps them through setup.py instead.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_ROOT, "engine", "llm_engine.py")) and _ROOT not in __path__:
+    __path__.append(_ROOT)
 
 _EXPORTS = {
     "LLM": "tokenmill.engine.llm",

@@ -14,7 +14,7 @@ import os
 import platform
 from typing import Any
 
-from tokenmill.serve.bench_workload import (
+from tokenmill.bench.workload import (
     BenchRequest,
     LengthRange,
     load_jsonl_workload,
@@ -89,7 +89,7 @@ def machine_info(device: Any) -> dict[str, Any]:
 
 
 def build_workload(args: argparse.Namespace, loaded: Any) -> list[BenchRequest]:
-    from tokenmill.serve.bench_models import vocab_size_of
+    from tokenmill.bench.models import vocab_size_of
 
     output_lens = LengthRange(args.min_output_len, args.max_output_len)
     if args.dataset:
@@ -107,7 +107,7 @@ def _progress(result: Any) -> Any:
 
 def run_workload(args: argparse.Namespace, loaded: Any, requests: list[BenchRequest], spec: Any) -> list[Any]:
     """[tokenmill, hf-generate, hf-generate-batch] results (the last two absent with --skip-hf)."""
-    from tokenmill.serve import bench_backends as backends
+    from tokenmill.bench import backends
 
     warmup = not args.no_warmup
     results = []
@@ -196,8 +196,8 @@ def run_throughput(args: argparse.Namespace) -> int:
 
 
 def _run_throughput(args: argparse.Namespace) -> int:
-    from tokenmill.serve.bench_backends import DecodeSpec
-    from tokenmill.serve.bench_models import load_bench_model, resolve_device_dtype
+    from tokenmill.bench.backends import DecodeSpec
+    from tokenmill.bench.models import load_bench_model, resolve_device_dtype
 
     device, _ = resolve_device_dtype(args.device, args.dtype)
     loaded = load_bench_model(args.model, args.random_model, args.device, args.dtype, args.seed)

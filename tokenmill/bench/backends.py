@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from tokenmill.serve.bench_models import attention
-from tokenmill.serve.bench_workload import BenchRequest
+from tokenmill.bench.models import attention
+from tokenmill.bench.workload import BenchRequest
 
 WARMUP_PROMPT_LEN = 8
 WARMUP_OUTPUT_LEN = 4

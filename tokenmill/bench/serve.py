@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill.serve.bench_workload import (
+from tokenmill.bench.workload import (
     BenchRequest,
     LengthRange,
     load_jsonl_workload,
@@ -251,7 +251,7 @@ def run_serve_bench(args: Any) -> int:
             json.dump(_json_safe(report), f, indent=2, default=str)
         print(f"wrote {args.json}")
     if args.plot:
-        from tokenmill.serve.bench_plot import plot_serve_sweep
+        from tokenmill.bench.plot import plot_serve_sweep
 
         plot_serve_sweep(report["runs"], args.plot)
         print(f"wrote {args.plot}")

@@ -1,9 +1,9 @@
 """`tokenmill bench ...`: benchmark subcommands.
 
 - `tokenmill bench throughput`: offline throughput, tokenmill against transformers' `generate`
-  and continuous batching on the same weights (serve/bench_throughput.py);
+  and continuous batching on the same weights (tokenmill/bench/throughput.py);
 - `tokenmill bench serve`: a load generator for any OpenAI-compatible /v1/completions endpoint
-  (serve/bench_serve.py).
+  (tokenmill/bench/serve.py).
 
 `register(subparsers)` adds the `bench` group to the `tokenmill` console script; the scripts in
 benchmarks/ call `throughput_main` and `serve_main`. Heavy imports happen inside the commands.
@@ -17,19 +17,19 @@ import sys
 
 
 def _run_throughput(args: argparse.Namespace) -> int:
-    from tokenmill.serve.bench_throughput import run_throughput
+    from tokenmill.bench.throughput import run_throughput
 
     return run_throughput(args)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from tokenmill.serve.bench_serve import run_serve_bench
+    from tokenmill.bench.serve import run_serve_bench
 
     return run_serve_bench(args)
 
 
 def add_throughput_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from tokenmill.serve.bench_throughput import add_throughput_args
+    from tokenmill.bench.throughput import add_throughput_args
 
     add_throughput_args(parser)
     parser.set_defaults(func=_run_throughput)
@@ -37,7 +37,7 @@ def add_throughput_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 
 def add_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from tokenmill.serve.bench_serve_args import add_serve_bench_args
+    from tokenmill.bench.serve_args import add_serve_bench_args
 
     add_serve_bench_args(parser)
     parser.set_defaults(func=_run_serve)

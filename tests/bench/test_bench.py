@@ -15,9 +15,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tokenmill.serve import bench
-from tokenmill.serve.bench_serve import RequestResult, compute_metrics
-from tokenmill.serve.bench_workload import LengthRange, load_jsonl_workload, random_token_workload
+from tokenmill.bench import commands as bench
+from tokenmill.bench.serve import RequestResult, compute_metrics
+from tokenmill.bench.workload import LengthRange, load_jsonl_workload, random_token_workload
 
 STUB_CHUNK_DELAY_S = 0.002
 
