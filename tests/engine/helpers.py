@@ -14,25 +14,25 @@ from tokenmill.engine.model_loader import LoadedModel, load_model
 VOCAB = 384
 
 
-def tiny_config(arch: str):
+def tiny_config(arch: str, max_positions: int = 512):
     common = dict(vocab_size=VOCAB, initializer_range=0.3)
     if arch == "llama":
         return LlamaConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, **common,
+            num_key_value_heads=2, max_position_embeddings=max_positions, **common,
         )
     if arch == "qwen2":
         return Qwen2Config(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=1, max_position_embeddings=512, **common,
+            num_key_value_heads=1, max_position_embeddings=max_positions, **common,
         )
     if arch == "mistral":
         return MistralConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, sliding_window=24, **common,
+            num_key_value_heads=2, max_position_embeddings=max_positions, sliding_window=24, **common,
         )
     if arch == "gpt2":
-        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
+        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=max_positions, **common)
     raise ValueError(arch)
 
 
@@ -66,9 +66,11 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
 
 
-def tiny_pair(arch: str, seed: int = 0, device: str = "cpu", dtype=torch.float32) -> tuple[LoadedModel, torch.nn.Module]:
+def tiny_pair(
+    arch: str, seed: int = 0, device: str = "cpu", dtype=torch.float32, max_positions: int = 512
+) -> tuple[LoadedModel, torch.nn.Module]:
     """(tokenmill-attention model wrapped as LoadedModel, the same weights with HF's sdpa attention)."""
-    config = tiny_config(arch)
+    config = tiny_config(arch, max_positions)
     config.eos_token_id = None
     config.bos_token_id = None
     torch.manual_seed(seed)
@@ -80,7 +82,7 @@ def tiny_pair(arch: str, seed: int = 0, device: str = "cpu", dtype=torch.float32
     ours.generation_config = ref.generation_config
     tok = tiny_tokenizer()
     loaded = LoadedModel(
-        model=ours, tokenizer=tok, generation_config=ref.generation_config, model_path="", max_model_len=512
+        model=ours, tokenizer=tok, generation_config=ref.generation_config, model_path="", max_model_len=min(512, max_positions)
     )
     return loaded, ref
 

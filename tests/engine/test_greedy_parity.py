@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.engine.helpers import default_loaded, hf_greedy, random_prompts, tiny_pair
+from tests.engine.helpers import VOCAB, default_loaded, hf_greedy, random_prompts, tiny_pair
+from tests.isolated import CasePool, assert_passed, run_case
 from tokenmill.engine.llm import LLM
 from tokenmill.engine.sampling_params import SamplingParams
 
@@ -95,19 +98,83 @@ def test_default_model_greedy_matches_hf(default_pair) -> None:
         assert out.outputs[0].finish_reason == ("stop" if len(want) < 20 else "length")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
-@pytest.mark.parametrize("variant", ["default", "preemption", "chunked_prefill"])
-def test_greedy_matches_hf_on_cuda(arch: str, variant: str) -> None:
-    """The same parity on the GPU: Triton attention, sampling and penalty kernels in the loop."""
-    loaded, ref = tiny_pair(arch, device="cuda")
+# ------------------------------------------------------------------ CUDA, one process per case
+# A device-side assert (say, a position past the model's table) kills the CUDA context of its
+# process: each CUDA case runs in its own process (tests/isolated.py), all of them at once.
+CASE_TARGET = "tests.engine.test_greedy_parity:check_greedy_case"
+GPU_ARCHS = ("llama", "qwen2", "mistral", "gpt2")
+# GPT-2 with 1024 positions, fewer than max_num_batched_tokens (2048): KV sizing on CUDA must not
+# run a forward past the position table.
+GPU_MAX_POSITIONS = {"gpt2": 1024}
+# Several engines share the GPU at once: each sizes its KV cache from a small share of the memory.
+GPU_SHARE = dict(gpu_memory_utilization=0.02)
+GPU_VARIANTS = {
+    "prefix_caching": dict(**GPU_SHARE),  # KV cache sized by a profiling forward; shared prefixes
+    "chunked_prefill": dict(max_num_batched_tokens=16, max_model_len=256, **GPU_SHARE),
+    "preemption": dict(num_kv_blocks=10, block_size=16),
+}
+GPU_CASES = [(a, v, "float32") for a in GPU_ARCHS for v in GPU_VARIANTS] + [
+    (a, "prefix_caching", "bfloat16") for a in GPU_ARCHS  # bf16 smoke runs
+]
+GPU_CASE_TIMEOUT_S = 240
+
+
+def check_greedy_case(arch: str, variant: str, device: str, dtype: str) -> None:
+    """One parity case, meant for its own process: float32 must equal HF greedy token for token;
+    bfloat16 (a smoke run) must finish every request at its length, in the vocabulary, with no leak."""
+    torch_dtype = getattr(torch, dtype)
+    loaded, ref = tiny_pair(arch, device=device, dtype=torch_dtype, max_positions=GPU_MAX_POSITIONS.get(arch, 512))
     prompts = random_prompts(LENGTHS, seed=1)
     prompts += [prompts[3][:32] + p for p in random_prompts([7, 9], seed=2)]
-    llm = make_llm(loaded, **ENGINE_VARIANTS[variant])
-    assert llm.llm_engine.runner.device.type == "cuda"
-    got = run_greedy(llm, prompts)
-    want = [hf_greedy(ref, p, MAX_NEW) for p in prompts]
-    assert got == want
+    variants = GPU_VARIANTS if device == "cuda" else ENGINE_VARIANTS
+    llm = make_llm(loaded, device=device, dtype=dtype, **variants[variant])
     engine = llm.llm_engine
+    assert engine.runner.device.type == device, engine.runner.device
+    got = run_greedy(llm, prompts)
+    if dtype == "float32":
+        want = [hf_greedy(ref, p, MAX_NEW) for p in prompts]
+        mismatched = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
+        assert not mismatched, f"prompts {mismatched} differ from HF greedy: first {got[mismatched[0]]} vs {want[mismatched[0]]}"
+    else:
+        assert [len(g) for g in got] == [MAX_NEW] * len(prompts)
+        assert all(0 <= t < VOCAB for g in got for t in g)
+    if variant == "preemption":
+        assert engine.scheduler.num_preemptions_total > 0
+    if variant == "prefix_caching":
+        hits = engine.block_manager.num_cache_hits
+        assert run_greedy(llm, prompts[-1:]) == got[-1:]  # the repeat reads its prompt from the cache
+        assert engine.block_manager.num_cache_hits > hits
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert not engine.has_unfinished_requests()
+    print(f"{arch}/{variant}/{dtype} on {device}: {len(prompts)} prompts, {sum(map(len, got))} tokens", flush=True)
+
+
+def test_isolated_case_runs_on_cpu() -> None:
+    """The per-process harness the CUDA cases use, on the CPU: the case passes in its own process."""
+    result = run_case(CASE_TARGET, dict(arch="qwen2", variant="preemption", device="cpu", dtype="float32"))
+    assert_passed(result)
+    assert "qwen2/preemption/float32 on cpu: 8 prompts, 192 tokens" in result.output
+
+
+@pytest.fixture(scope="module")
+def cuda_cases(request):
+    """Starts every selected CUDA case at once, each in its own process; tests wait for their own."""
+    selected = [
+        tuple(item.callspec.params[k] for k in ("arch", "variant", "dtype"))
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_greedy_matches_hf_on_cuda"
+    ]
+    pool = CasePool(max_workers=min(8, os.cpu_count() or 1))
+    for arch, variant, dtype in selected:
+        kwargs = dict(arch=arch, variant=variant, device="cuda", dtype=dtype)
+        pool.submit((arch, variant, dtype), CASE_TARGET, kwargs, timeout=GPU_CASE_TIMEOUT_S)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch,variant,dtype", GPU_CASES)
+def test_greedy_matches_hf_on_cuda(cuda_cases, arch: str, variant: str, dtype: str) -> None:
+    """The parity above on the GPU (Triton attention, sampling and penalty kernels in the loop)."""
+    assert_passed(cuda_cases.result((arch, variant, dtype)))
