@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import socket
@@ -15,7 +16,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from tokenmill.bench import backends
 from tokenmill.bench import commands as bench
+from tokenmill.bench.backends import continuous_batching_config
 from tokenmill.bench.serve import RequestResult, compute_metrics
 from tokenmill.bench.workload import LengthRange, load_jsonl_workload, random_token_workload
 
@@ -224,3 +227,158 @@ def test_tokenmill_console_script_has_bench():
 
     args = build_parser().parse_args(["bench", "throughput", "--random-model", "tiny", "--num-requests", "2"])
     assert args.command == "bench" and args.bench_command == "throughput" and args.num_requests == 2
+
+
+# ------------------------------------------------------------------ transformers versions, failing backends
+@dataclasses.dataclass
+class ConfigOf5_17:  # transformers 5.17's ContinuousBatchingConfig fields that the benchmark sets
+    block_size: int = 256
+    num_blocks: int | None = None
+    max_batch_tokens: int | None = None
+    max_requests_per_batch: int | None = None
+
+
+@dataclasses.dataclass
+class ConfigOf5_24:  # 5.24: page_size, block_size kept as a deprecated alias
+    page_size: int = 256
+    num_blocks: int | None = None
+    max_batch_tokens: int | None = None
+    max_requests_per_batch: int | None = None
+    block_size: int | None = None
+
+
+@pytest.mark.parametrize("config_class,size_field", [(ConfigOf5_17, "block_size"), (ConfigOf5_24, "page_size")])
+def test_continuous_batching_config_follows_the_installed_signature(config_class, size_field):
+    config = continuous_batching_config(
+        config_class, page_tokens=64, num_blocks=9, max_batch_tokens=128, max_requests_per_batch=4
+    )
+    assert getattr(config, size_field) == 64
+    assert (config.num_blocks, config.max_batch_tokens, config.max_requests_per_batch) == (9, 128, 4)
+    if config_class is ConfigOf5_24:
+        assert config.block_size is None  # the deprecated alias is left alone
+
+
+def test_continuous_batching_config_names_what_the_version_lacks():
+    @dataclasses.dataclass
+    class Unknown:
+        page_size: int = 256
+
+    with pytest.raises(TypeError, match="lacks \\['num_blocks'\\]"):
+        continuous_batching_config(Unknown, page_tokens=16, num_blocks=3)
+
+    @dataclasses.dataclass
+    class NoPage:
+        num_blocks: int = 1
+
+    with pytest.raises(TypeError, match="neither page_size nor block_size"):
+        continuous_batching_config(NoPage, page_tokens=16, num_blocks=3)
+
+
+def test_continuous_batching_config_of_the_installed_transformers():
+    from transformers import ContinuousBatchingConfig
+
+    config = continuous_batching_config(ContinuousBatchingConfig, page_tokens=32, num_blocks=5, max_batch_tokens=64,
+                                        max_requests_per_batch=2)
+    assert config.num_blocks == 5 and 32 in (getattr(config, "page_size", None), getattr(config, "block_size", None))
+
+
+TINY_ARGS = [
+    "--random-model", "tiny", "--device", "cpu", "--num-requests", "3", "--min-prompt-len", "4",
+    "--max-prompt-len", "10", "--min-output-len", "2", "--max-output-len", "4", "--hf-batch-size", "2",
+    "--no-warmup", "--num-threads", "1",
+]
+
+
+def test_a_backend_that_cannot_run_is_skipped_and_the_others_report(tmp_path, capsys, monkeypatch):
+    import transformers
+
+    @dataclasses.dataclass
+    class FutureConfig:  # a transformers version whose config the benchmark does not know
+        kv_page_tokens: int = 256
+
+    def broken_generate(*args, **kwargs):
+        raise RuntimeError("generate exploded")
+
+    monkeypatch.setattr(transformers, "ContinuousBatchingConfig", FutureConfig)
+    monkeypatch.setattr(backends, "run_hf_generate", broken_generate)
+    out_json = tmp_path / "t.json"
+    args = _parser(bench.add_throughput_parser).parse_args(
+        TINY_ARGS + ["--no-step-profile", "--json", str(out_json)]
+    )
+    assert args.func(args) == 0  # tokenmill ran: the run succeeds
+    results = {r["backend"]: r for r in json.loads(out_json.read_text())["workloads"]["greedy"]["results"]}
+    assert results["tokenmill"]["skipped"] is None and results["tokenmill"]["num_output_tokens"] > 0
+    assert "neither page_size nor block_size" in results["hf-generate-batch"]["skipped"]
+    assert results["hf-generate (batch 2)"]["skipped"] == "FAILED: RuntimeError: generate exploded"
+    printed = capsys.readouterr().out
+    assert "hf-generate-batch         skipped: TypeError: FutureConfig takes neither" in printed
+
+
+def test_tokenmill_failure_is_the_exit_code_and_hf_numbers_stay(tmp_path, monkeypatch):
+    def broken_tokenmill(*args, **kwargs):
+        raise RuntimeError("engine exploded")
+
+    monkeypatch.setattr(backends, "run_tokenmill", broken_tokenmill)
+    out_json = tmp_path / "t.json"
+    args = _parser(bench.add_throughput_parser).parse_args(
+        TINY_ARGS + ["--backends", "tokenmill,hf-generate", "--no-step-profile", "--json", str(out_json)]
+    )
+    assert args.func(args) == 1
+    workload = json.loads(out_json.read_text())["workloads"]["greedy"]
+    results = {r["backend"]: r for r in workload["results"]}
+    assert set(results) == {"tokenmill", "hf-generate (batch 2)"}  # hf-generate-batch not selected
+    assert results["tokenmill"]["skipped"] == "FAILED: RuntimeError: engine exploded"
+    assert results["hf-generate (batch 2)"]["num_output_tokens"] == workload["num_output_tokens_asked"]
+    assert workload["ratios"] == {}
+
+
+def test_backends_option_rejects_unknown_names():
+    with pytest.raises(SystemExit):
+        _parser(bench.add_throughput_parser).parse_args(["--backends", "tokenmill,vllm"])
+
+
+def test_step_profile_reports_host_overhead(tmp_path, capsys):
+    out_json = tmp_path / "t.json"
+    args = _parser(bench.add_throughput_parser).parse_args(
+        TINY_ARGS + ["--backends", "tokenmill", "--profile-steps", "5", "--json", str(out_json)]
+    )
+    assert args.func(args) == 0
+    workload = json.loads(out_json.read_text())["workloads"]["greedy"]
+    assert [r["backend"] for r in workload["results"]] == ["tokenmill"]
+    profile = workload["step_profile"]
+    assert profile["batch_size"] == 3 and profile["num_steps"] == 5 and profile["device"] == "cpu"
+    assert 0 < profile["forward_ms"] <= profile["run_ms"] and profile["forward_ms"] <= profile["step_ms"]
+    assert profile["host_ms"] >= 0 and profile["cpu_ms_per_step"] > 0
+    assert profile["gpu_kernel_ms"] is None and profile["gpu_note"] == "not a CUDA device"
+    printed = capsys.readouterr().out
+    assert "decode step      median" in printed and "host outside the forward" in printed
+
+
+def test_step_profile_leaves_the_engine_as_it_found_it():
+    from tokenmill.bench.models import load_bench_model
+    from tokenmill.bench.step_profile import profile_kv_blocks, profile_steps
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    loaded = load_bench_model(None, "tiny", "cpu", "float32", 0)
+    prompts = [[5 + i] * (3 + 4 * i) for i in range(4)]
+    engine = LLMEngine.from_args(loaded=loaded, max_num_seqs=4, max_num_batched_tokens=8, device="cpu",
+                                 num_kv_blocks=profile_kv_blocks(prompts, 4, 16, 8))
+    profile = profile_steps(engine, prompts, num_steps=4)
+    assert profile.batch_size == 4 and profile.prefill_steps >= 3  # 42 prompt tokens, 8 a step
+    assert "run" not in vars(engine.runner)  # the timing wrapper is gone
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+    class StepWithoutRunner:  # an engine whose step never reaches runner.run: reported, not looped on
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def step(self):
+            return []
+
+    with pytest.raises(RuntimeError, match="did not call engine.runner.run"):
+        profile_steps(StepWithoutRunner(engine), prompts, num_steps=2)
+    assert not engine.has_unfinished_requests()  # its requests were aborted

@@ -13,6 +13,7 @@ or eos disabled in continuous batching), so every backend produces the lengths a
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import os
 import threading
@@ -248,6 +249,35 @@ def run_hf_generate(model: Any, requests: list[BenchRequest], spec: DecodeSpec, 
 
 
 # ---------------------------------------------------------------------------------- HF continuous batching
+HF_PAGE_TOKENS = 256  # tokens per KV page (transformers' default)
+
+
+def accepted_kwargs(function: Any, **kwargs: Any) -> dict[str, Any]:
+    """`kwargs` less those `function` does not take (transformers' signatures change between 5.x releases)."""
+    params = inspect.signature(function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def continuous_batching_config(config_class: Any, *, page_tokens: int, **fields: Any) -> Any:
+    """transformers' ContinuousBatchingConfig in the installed version's own terms.
+
+    The tokens per KV page are `block_size` in transformers 5.17 and `page_size` in later 5.x
+    (where `block_size` is a deprecated alias); the other fields (num_blocks, max_batch_tokens,
+    max_requests_per_batch) are the same in both. A field the installed version lacks is a TypeError
+    naming it, which the caller reports as the reason the backend was skipped.
+    """
+    params = inspect.signature(config_class).parameters
+    size_name = next((n for n in ("page_size", "block_size") if n in params), None)
+    if size_name is None:
+        raise TypeError(f"{config_class.__name__} takes neither page_size nor block_size (takes {sorted(params)})")
+    missing = sorted(k for k in fields if k not in params)
+    if missing:
+        raise TypeError(f"{config_class.__name__} of this transformers version lacks {missing}")
+    return config_class(**{size_name: page_tokens}, **fields)
+
+
 def _wait_all(manager: Any, request_ids: list[str]) -> dict[str, Any]:
     pending, results = set(request_ids), {}
     while pending:
@@ -270,29 +300,33 @@ def run_hf_generate_batch(
     name = "hf-generate-batch"
     if spec.num_beams > 1:
         return skipped(name, spec.name, "transformers' continuous batching has no beam search")
-    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     device = model.device
-    page_size = 256
     total_tokens = sum(r.prompt_len + r.output_len for r in requests) + 2 * (WARMUP_PROMPT_LEN + WARMUP_OUTPUT_LEN)
-    cb_config = ContinuousBatchingConfig(
-        page_size=page_size,
-        num_blocks=math.ceil(total_tokens / page_size) + len(requests) + 2,
-        max_batch_tokens=max_batch_tokens,
-        max_requests_per_batch=max_num_seqs,
-    )
     gen_config = GenerationConfig(
         do_sample=False, no_repeat_ngram_size=spec.no_repeat_ngram_size, eos_token_id=-1, pad_token_id=0
     )
     try:
+        from transformers import ContinuousBatchingConfig
+
+        cb_config = continuous_batching_config(
+            ContinuousBatchingConfig,
+            page_tokens=HF_PAGE_TOKENS,
+            num_blocks=math.ceil(total_tokens / HF_PAGE_TOKENS) + len(requests) + 2,
+            max_batch_tokens=max_batch_tokens,
+            max_requests_per_batch=max_num_seqs,
+        )
+        manager_kwargs = accepted_kwargs(
+            model.continuous_batching_context_manager,
+            generation_config=gen_config,
+            continuous_batching_config=cb_config,
+            block=True,
+            timeout=30,
+            warmup=device.type == "cuda",  # captures CUDA graphs; nothing to do on CPU
+        )
         with attention(model, "sdpa"):
-            with model.continuous_batching_context_manager(
-                generation_config=gen_config,
-                continuous_batching_config=cb_config,
-                block=True,
-                timeout=30,
-                warmup=device.type == "cuda",  # captures CUDA graphs; nothing to do on CPU
-            ) as manager:
+            with model.continuous_batching_context_manager(**manager_kwargs) as manager:
                 if warmup:
                     warm = _warmup_requests(model.get_output_embeddings().weight.shape[0])
                     ids = [manager.add_request(list(r.prompt_ids), max_new_tokens=r.output_len, eos_token_id=-1) for r in warm]

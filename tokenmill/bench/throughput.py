@@ -25,6 +25,7 @@ from tokenmill.bench.workload import (
 logger = logging.getLogger(__name__)
 
 WORKLOADS = ("greedy", "beam", "all")
+BACKENDS = ("tokenmill", "hf-generate", "hf-generate-batch")
 TARGETS = {"greedy": 3.0, "beam": 2.0}  # tokenmill / hf-generate useful output tokens/s
 
 
@@ -52,6 +53,8 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
                    help="torch CPU threads for every backend (default: torch's choice, one per core).")
     b = parser.add_argument_group("backends")
     b.add_argument("--hf-batch-size", type=int, default=8, help="Static batch size of HF generate (default 8).")
+    b.add_argument("--backends", type=_backend_list, default=list(BACKENDS),
+                   help=f"Comma-separated backends to run (default all: {','.join(BACKENDS)}).")
     b.add_argument("--skip-hf", action="store_true", help="Run tokenmill only.")
     b.add_argument("--skip-generate-batch", action="store_true", help="Skip transformers' continuous batching.")
     b.add_argument("--max-num-seqs", type=int, default=64, help="Sequences per step (tokenmill and generate_batch).")
@@ -61,7 +64,27 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
                    help="tokenmill KV blocks (default: enough for the whole workload).")
     b.add_argument("--block-size", type=int, default=16)
     b.add_argument("--no-warmup", action="store_true", help="Time the first run too (default: a short warm-up first).")
-    parser.add_argument("--json", default=None, metavar="PATH", help="Write the numbers as JSON here.")
+    s = parser.add_argument_group("step profile (tokenmill, greedy workload)")
+    s.add_argument("--no-step-profile", action="store_true",
+                   help="Skip the per-step host-overhead report (decode step, forward alone, host time outside it).")
+    s.add_argument("--profile-steps", type=int, default=30, help="Decode steps timed by the step profile (default 30).")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="Write the numbers as JSON here (rewritten after every backend, so a cut-off run keeps its numbers).")
+
+
+def _backend_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in BACKENDS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"--backends={text!r} is invalid: allowed a comma-separated subset of {', '.join(BACKENDS)}")
+    return names
+
+
+def selected_backends(args: argparse.Namespace) -> list[str]:
+    names = [n for n in BACKENDS if n in args.backends]
+    if args.skip_hf:
+        names = [n for n in names if n == "tokenmill"]
+    return names
 
 
 def machine_info(device: Any) -> dict[str, Any]:
@@ -105,20 +128,21 @@ def _progress(result: Any) -> Any:
     return result
 
 
-def run_workload(args: argparse.Namespace, loaded: Any, requests: list[BenchRequest], spec: Any) -> list[Any]:
-    """[tokenmill, hf-generate, hf-generate-batch] results (the last two absent with --skip-hf)."""
+def _guarded(name: str, workload: str, run: Any) -> Any:
+    """Run one backend; an exception becomes a skipped result with the reason (the others still run)."""
     from tokenmill.bench import backends
 
-    warmup = not args.no_warmup
-    results = []
-    if not args.skip_hf:  # transformers first: on a GPU, tokenmill's KV cache is freed only after its run
-        results.append(_progress(backends.run_hf_generate(loaded.model, requests, spec, args.hf_batch_size, warmup)))
-        if args.skip_generate_batch:
-            results.append(backends.skipped("hf-generate-batch", spec.name, "--skip-generate-batch"))
-        else:
-            results.append(_progress(backends.run_hf_generate_batch(
-                loaded.model, requests, spec, args.max_num_seqs, args.max_num_batched_tokens, warmup)))
-    engine_kwargs = dict(
+    try:
+        return run()
+    except Exception as error:
+        logger.exception("%s failed on workload %s", name, workload)
+        return backends.skipped(name, workload, f"FAILED: {type(error).__name__}: {error}")
+
+
+def tokenmill_engine_kwargs(args: argparse.Namespace, requests: list[BenchRequest], spec: Any) -> dict[str, Any]:
+    from tokenmill.bench import backends
+
+    return dict(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
@@ -127,21 +151,68 @@ def run_workload(args: argparse.Namespace, loaded: Any, requests: list[BenchRequ
         dtype=args.dtype,
         seed=args.seed,
     )
+
+
+def run_workload(
+    args: argparse.Namespace, loaded: Any, requests: list[BenchRequest], spec: Any, on_result: Any = None
+) -> list[Any]:
+    """Results of the selected backends, tokenmill first; `on_result(results so far)` after each one."""
+    from tokenmill.bench import backends
+
+    warmup = not args.no_warmup
+    selected = selected_backends(args)
+    hf_name = f"hf-generate (batch {args.hf_batch_size})"
+    runs = {  # transformers first: on a GPU, tokenmill's KV cache is freed only after its run
+        "hf-generate": (hf_name, lambda: backends.run_hf_generate(loaded.model, requests, spec, args.hf_batch_size, warmup)),
+        "hf-generate-batch": ("hf-generate-batch", lambda: backends.run_hf_generate_batch(
+            loaded.model, requests, spec, args.max_num_seqs, args.max_num_batched_tokens, warmup)),
+        "tokenmill": ("tokenmill", lambda: backends.run_tokenmill(
+            loaded, requests, spec, tokenmill_engine_kwargs(args, requests, spec), warmup)),
+    }
+    done: dict[str, Any] = {}
+    for key in ("hf-generate", "hf-generate-batch", "tokenmill"):
+        if key not in selected:
+            continue
+        name, run = runs[key]
+        if key == "hf-generate-batch" and args.skip_generate_batch:
+            done[key] = backends.skipped(name, spec.name, "--skip-generate-batch")
+        else:
+            done[key] = _progress(_guarded(name, spec.name, run))
+        if on_result is not None:
+            on_result([done[k] for k in BACKENDS if k in done])
+    return [done[k] for k in BACKENDS if k in done]
+
+
+def run_step_profile(args: argparse.Namespace, loaded: Any, requests: list[BenchRequest]) -> Any:
+    """tokenmill's per-step host overhead with min(num_requests, max_num_seqs) requests decoding at once."""
+    from tokenmill.bench.step_profile import profile_kv_blocks, profile_steps
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    prompts = [list(r.prompt_ids) for r in requests[: args.max_num_seqs]]
+    engine = LLMEngine.from_args(
+        loaded=loaded, max_num_seqs=len(prompts), max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, device=args.device, dtype=args.dtype, seed=args.seed,
+        num_kv_blocks=profile_kv_blocks(prompts, args.profile_steps, args.block_size, args.max_num_batched_tokens),
+    )
     try:
-        ours = backends.run_tokenmill(loaded, requests, spec, engine_kwargs, warmup)
-    except Exception as error:  # keep the transformers numbers; the exit code says it failed
-        logger.exception("tokenmill failed on workload %s", spec.name)
-        ours = backends.skipped("tokenmill", spec.name, f"FAILED: {type(error).__name__}: {error}")
-    return [_progress(ours), *results]
+        return profile_steps(engine, prompts, args.profile_steps)
+    finally:
+        from tokenmill.bench.backends import free_memory
+
+        device = engine.runner.device
+        del engine
+        free_memory(device)
 
 
 def ratios(results: list[Any], per: str = "output_tokens_per_s") -> dict[str, float]:
     """tokenmill's useful output tokens per second (or `per` another rate) over each other backend's."""
-    ours = results[0]
+    ours = next((r for r in results if r.backend == "tokenmill"), None)
     out: dict[str, float] = {}
-    if ours.skipped is not None:
+    if ours is None or ours.skipped is not None:
         return out
-    for r in results[1:]:
+    for r in results:
+        if r is ours:
+            continue
         if r.skipped is None and getattr(r, per) > 0:
             out[f"tokenmill/{r.backend}"] = getattr(ours, per) / getattr(r, per)
     return out
@@ -216,22 +287,45 @@ def _run_throughput(args: argparse.Namespace) -> int:
         "workloads": {},
     }
     print(f"machine: {report['machine']}", flush=True)
+
+    def save() -> None:  # after every backend: a run cut off by a time limit keeps what it measured
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2, default=str)
+
     for name in names:
         spec = specs[name]
-        results = run_workload(args, loaded, requests, spec)
-        print(format_report(spec, requests, results, model_name), flush=True)
-        exit_code |= int(results[0].skipped is not None)
-        report["workloads"][name] = {
+        entry: dict[str, Any] = {
             "num_requests": len(requests),
             "num_prompt_tokens": sum(r.prompt_len for r in requests),
             "num_output_tokens_asked": sum(r.output_len for r in requests),
-            "results": [r.as_dict() for r in results],
-            "ratios": ratios(results),
-            "ratios_per_cpu_second": ratios(results, "output_tokens_per_cpu_s"),
             "target": TARGETS.get(name),
         }
+        report["workloads"][name] = entry
+
+        def record(results: list[Any], entry: dict[str, Any] = entry) -> None:
+            entry["results"] = [r.as_dict() for r in results]
+            entry["ratios"] = ratios(results)
+            entry["ratios_per_cpu_second"] = ratios(results, "output_tokens_per_cpu_s")
+            save()
+
+        results = run_workload(args, loaded, requests, spec, on_result=record)
+        record(results)
+        print(format_report(spec, requests, results, model_name), flush=True)
+        exit_code |= int(any(r.backend == "tokenmill" and r.skipped is not None for r in results))
+        if spec.num_beams == 1 and "tokenmill" in selected_backends(args) and not args.no_step_profile:
+            try:
+                profile = run_step_profile(args, loaded, requests)
+            except Exception as error:
+                logger.exception("step profile failed")
+                entry["step_profile"] = {"error": f"{type(error).__name__}: {error}"}
+                print(f"step profile FAILED: {type(error).__name__}: {error}", flush=True)
+                exit_code |= 1
+            else:
+                entry["step_profile"] = profile.as_dict()
+                print(profile.format(), flush=True)
+            save()
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, default=str)
+        save()
         print(f"wrote {args.json}")
     return exit_code

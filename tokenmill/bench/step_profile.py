@@ -1,0 +1,296 @@
+"""Where one decode step's time goes, at a steady batch: the step, the forward inside it, and the
+host time around the forward (schedule, input preparation, sampling, update, outputs).
+
+    python -m tokenmill.bench.step_profile                                  # random 1B Llama, 256 requests
+    M=tiny D=cpu DT=float32 N=16 python -m tokenmill.bench.step_profile     # the same, small, on the CPU
+    python -m tokenmill.bench.step_profile --cprofile                       # + cProfile of the timed steps
+
+`tokenmill bench throughput` runs `profile_steps` after tokenmill's greedy run (--no-step-profile
+turns it off). Only `StepTimer` knows how the engine is built: it reads the engine through
+`LLMEngine.step()` and `engine.runner.run(batch)` (wrapped on the instance while profiling, so the
+engine runs exactly as usual), plus the runner's input preparation when it has a separate call
+for it (RUNNER_PREPARE_METHODS), which counts as host time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+# Runner methods that build the forward's input tensors (timed as host work when present).
+RUNNER_PREPARE_METHODS = ("prepare_inputs",)
+MAX_PREFILL_STEPS = 10_000
+WARMUP_STEPS = 3
+GPU_PROFILE_STEPS = 5
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    device: str
+    batch_size: int  # sequences decoding in every timed step
+    num_steps: int
+    prefill_steps: int  # steps before every request was decoding
+    step_ms: float  # median LLMEngine.step() wall time
+    step_ms_min: float
+    run_ms: float  # median engine.runner.run(batch): input preparation + forward + logits
+    prepare_ms: float | None  # median input preparation inside run (None: no separate call to time)
+    forward_ms: float  # median run - prepare: the model forward alone
+    host_ms: float  # median step - forward: schedule + prepare + sample + update + outputs
+    cpu_ms_per_step: float  # process CPU time per step, all threads
+    gpu_kernel_ms: float | None = None  # CUDA kernel time per step (torch.profiler), CUDA only
+    gpu_note: str | None = None  # why gpu_kernel_ms is missing
+
+    @property
+    def host_fraction(self) -> float:
+        return self.host_ms / self.step_ms if self.step_ms > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "host_fraction": self.host_fraction}
+
+    def format(self) -> str:
+        prepare = "n/a" if self.prepare_ms is None else f"{self.prepare_ms:.2f} ms"
+        lines = [
+            f"step profile ({self.device}): {self.num_steps} decode steps at batch {self.batch_size} "
+            f"(after {self.prefill_steps} prefill steps)",
+            f"  decode step      median {self.step_ms:8.2f} ms   min {self.step_ms_min:.2f} ms   "
+            f"CPU {self.cpu_ms_per_step:.2f} ms/step",
+            f"  forward alone    median {self.forward_ms:8.2f} ms   (runner.run {self.run_ms:.2f} ms, "
+            f"input preparation {prepare})",
+            f"  host outside the forward {self.host_ms:8.2f} ms   ({100 * self.host_fraction:.0f}% of the step: "
+            "schedule + prepare + sample + update)",
+        ]
+        if self.gpu_kernel_ms is not None:
+            busy = self.gpu_kernel_ms / self.step_ms if self.step_ms > 0 else 0.0
+            lines.append(f"  GPU kernels      {self.gpu_kernel_ms:8.2f} ms per step ({100 * busy:.0f}% busy)")
+        elif self.gpu_note:
+            lines.append(f"  GPU kernels      n/a ({self.gpu_note})")
+        return "\n".join(lines)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Times `engine.step()` and, inside it, the runner's `run` (and input preparation, if separate).
+
+    Inside `with StepTimer(engine) as timer:` the runner's methods are wrapped on the instance
+    (timing with a device sync on each side); on exit the wrappers are removed.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.runner = engine.runner
+        self.device = torch.device(getattr(self.runner, "device", "cpu"))
+        self._patched: list[str] = []
+        self.num_runs = 0
+        self._run_s = 0.0
+        self._prepare_s: float | None = None
+        self.last_batch_shape: tuple[int, int] = (0, 0)  # (sequences, most new tokens of one) of the last run
+
+    def _wrap(self, name: str, record: Callable[[float, tuple], None]) -> None:
+        original = getattr(self.runner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            _sync(self.device)
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            _sync(self.device)
+            record(time.perf_counter() - start, args)
+            return out
+
+        setattr(self.runner, name, timed)
+        self._patched.append(name)
+
+    def _record_run(self, seconds: float, args: tuple) -> None:
+        self.num_runs += 1
+        self._run_s += seconds
+        batch = args[0] if args else None
+        num_new = list(getattr(batch, "num_new_tokens", []) or [])
+        self.last_batch_shape = (len(num_new), max(num_new, default=0))
+
+    def _record_prepare(self, seconds: float, args: tuple) -> None:
+        self._prepare_s = (self._prepare_s or 0.0) + seconds
+
+    def __enter__(self) -> "StepTimer":
+        self._wrap("run", self._record_run)
+        for name in RUNNER_PREPARE_METHODS:
+            if callable(getattr(self.runner, name, None)):
+                self._wrap(name, self._record_prepare)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name in self._patched:
+            delattr(self.runner, name)  # the class's method shows through again
+        self._patched.clear()
+
+    def step(self) -> tuple[float, float, float | None, float]:
+        """One engine step: (step s, run s, prepare s or None, process CPU s)."""
+        self._run_s, self._prepare_s = 0.0, None
+        _sync(self.device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        self.engine.step()
+        _sync(self.device)
+        return time.perf_counter() - start, self._run_s, self._prepare_s, time.process_time() - cpu_start
+
+
+def _gpu_kernel_ms_per_step(engine: Any, num_steps: int) -> tuple[float | None, str | None]:
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(num_steps):
+                engine.step()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        total_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+        return total_us / 1e3 / num_steps, None
+    except Exception as error:  # the profiler is a diagnostic: its failure must not lose the timings
+        return None, f"torch.profiler failed: {type(error).__name__}: {error}"
+
+
+def profile_steps(
+    engine: Any, prompts: list[list[int]], num_steps: int = 30, gpu_kernels: bool = True
+) -> StepProfile:
+    """Run `prompts` (one request each, greedy, EOS ignored) until all decode, then time `num_steps`."""
+    from tokenmill.engine.sampling_params import SamplingParams
+
+    if not prompts or num_steps < 1:
+        raise ValueError(f"need prompts and num_steps >= 1 (got {len(prompts)} prompts, num_steps={num_steps})")
+    n = len(prompts)
+    extra = WARMUP_STEPS + num_steps + GPU_PROFILE_STEPS + 4
+    ids = [f"step-profile-{i}" for i in range(n)]
+    budget = engine.scheduler_config.max_num_batched_tokens
+    prefill_bound = math.ceil(sum(map(len, prompts)) / max(1, budget - n)) + 4
+    for rid, prompt in zip(ids, prompts):
+        max_new = min(prefill_bound + extra, engine.max_model_len - len(prompt))
+        engine.add_request(rid, prompt, SamplingParams(max_new_tokens=max_new, ignore_eos=True, do_sample=False))
+    try:
+        with StepTimer(engine) as timer:
+            prefill_steps = 0
+            while timer.last_batch_shape != (n, 1):  # until every request decodes one token a step
+                if prefill_steps >= MAX_PREFILL_STEPS or not engine.has_unfinished_requests():
+                    raise RuntimeError(f"the {n} requests never all decoded together (batch {timer.last_batch_shape})")
+                timer.step()
+                prefill_steps += 1
+                if timer.num_runs == 0:
+                    raise RuntimeError("engine.step() did not call engine.runner.run: adapt StepTimer to the engine")
+            for _ in range(WARMUP_STEPS):
+                timer.step()
+            samples = []
+            for _ in range(num_steps):
+                sample = timer.step()
+                if timer.last_batch_shape != (n, 1):
+                    raise RuntimeError(f"batch changed to {timer.last_batch_shape} while timing; give more tokens")
+                samples.append(sample)
+        gpu_ms, gpu_note = None, None
+        device = timer.device
+        if device.type == "cuda" and gpu_kernels:
+            gpu_ms, gpu_note = _gpu_kernel_ms_per_step(engine, GPU_PROFILE_STEPS)
+        elif device.type != "cuda":
+            gpu_note = "not a CUDA device"
+    finally:
+        engine.abort_request(ids)
+    steps = [s[0] for s in samples]
+    runs = [s[1] for s in samples]
+    prepares = [s[2] for s in samples]
+    forwards = [r - (p or 0.0) for r, p in zip(runs, prepares)]
+    ms = lambda values: 1e3 * statistics.median(values)  # noqa: E731
+    return StepProfile(
+        device=str(device),
+        batch_size=n,
+        num_steps=num_steps,
+        prefill_steps=prefill_steps,
+        step_ms=ms(steps),
+        step_ms_min=1e3 * min(steps),
+        run_ms=ms(runs),
+        prepare_ms=None if any(p is None for p in prepares) else ms(prepares),
+        forward_ms=ms(forwards),
+        host_ms=ms([s - f for s, f in zip(steps, forwards)]),
+        cpu_ms_per_step=1e3 * statistics.fmean(s[3] for s in samples),
+        gpu_kernel_ms=gpu_ms,
+        gpu_note=gpu_note,
+    )
+
+
+def profile_kv_blocks(prompts: list[list[int]], num_steps: int, block_size: int, budget: int) -> int:
+    """KV blocks for `profile_steps` on these prompts (every request at its longest at once)."""
+    n = len(prompts)
+    longest = max(map(len, prompts)) + math.ceil(sum(map(len, prompts)) / max(1, budget - n)) + 4
+    longest += WARMUP_STEPS + num_steps + GPU_PROFILE_STEPS + 4
+    return n * (math.ceil(longest / block_size) + 1) + 16
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _parser() -> argparse.ArgumentParser:
+    env = os.environ  # the entry point's defaults only: M, D, DT, N as in the original tool
+    p = argparse.ArgumentParser(prog="step_profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--random-model", default=env.get("M", "1b"), choices=("135m", "1b", "tiny"))
+    p.add_argument("--model", default=None, help="A local model instead of --random-model (default model: 'default').")
+    p.add_argument("--device", default=env.get("D", "auto"))
+    p.add_argument("--dtype", default=env.get("DT", "auto"))
+    p.add_argument("--num-requests", type=int, default=int(env.get("N", "256")))
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cprofile", action="store_true", help="Also print cProfile of the timed steps.")
+    p.add_argument("--json", default=None, metavar="PATH")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tokenmill.bench.models import load_bench_model, vocab_size_of
+    from tokenmill.bench.workload import LengthRange, random_token_workload
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    args = _parser().parse_args(argv)
+    model = None if args.model == "default" else args.model
+    random_model = None if args.model else args.random_model
+    loaded = load_bench_model(model, random_model, args.device, args.dtype, args.seed)
+    requests = random_token_workload(
+        args.num_requests, LengthRange(32, 256), LengthRange(64, 256), vocab_size_of(loaded.model), args.seed
+    )
+    prompts = [list(r.prompt_ids) for r in requests]
+    engine = LLMEngine.from_args(
+        loaded=loaded, max_num_seqs=len(prompts), max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, device=args.device, dtype=args.dtype, seed=args.seed,
+        num_kv_blocks=profile_kv_blocks(prompts, args.steps, args.block_size, args.max_num_batched_tokens),
+    )
+    result = profile_steps(engine, prompts, args.steps)
+    print(result.format(), flush=True)
+    if args.cprofile:
+        _print_cprofile(engine, prompts, args.steps)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result.as_dict(), f, indent=2)
+    return 0
+
+
+def _print_cprofile(engine: Any, prompts: list[list[int]], num_steps: int) -> None:
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    profile_steps(engine, prompts, num_steps, gpu_kernels=False)
+    profiler.disable()
+    for key, rows in (("cumulative", 45), ("tottime", 30)):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(rows)
+        print(text.getvalue()[:9000])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
