@@ -6,7 +6,10 @@
 Same implementation as `tokenmill bench serve` (tokenmill.bench.serve).
 """
 
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a plain checkout: the root first
 
 from tokenmill.bench.commands import serve_main
 

@@ -7,7 +7,10 @@
 Same implementation as `tokenmill bench throughput` (tokenmill.bench.throughput).
 """
 
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a plain checkout: the root first
 
 from tokenmill.bench.commands import throughput_main
 
