@@ -349,6 +349,7 @@ def test_step_profile_reports_host_overhead(tmp_path, capsys):
     assert profile["batch_size"] == 3 and profile["num_steps"] == 5 and profile["device"] == "cpu"
     assert 0 < profile["forward_ms"] <= profile["run_ms"] and profile["forward_ms"] <= profile["step_ms"]
     assert profile["host_ms"] >= 0 and profile["cpu_ms_per_step"] > 0
+    assert profile["forward_cpu_ms"] > 0 and profile["host_cpu_ms"] >= 0
     assert profile["gpu_kernel_ms"] is None and profile["gpu_note"] == "not a CUDA device"
     printed = capsys.readouterr().out
     assert "decode step      median" in printed and "host outside the forward" in printed

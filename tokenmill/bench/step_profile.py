@@ -45,7 +45,9 @@ class StepProfile:
     prepare_ms: float | None  # median input preparation inside run (None: no separate call to time)
     forward_ms: float  # median run - prepare: the model forward alone
     host_ms: float  # median step - forward: schedule + prepare + sample + update + outputs
-    cpu_ms_per_step: float  # process CPU time per step, all threads
+    cpu_ms_per_step: float  # mean process CPU time per step, all threads
+    forward_cpu_ms: float  # median process CPU time in runner.run less input preparation
+    host_cpu_ms: float  # median CPU time of the step outside the forward (robust on a busy machine)
     gpu_kernel_ms: float | None = None  # CUDA kernel time per step (torch.profiler), CUDA only
     gpu_note: str | None = None  # why gpu_kernel_ms is missing
 
@@ -67,6 +69,7 @@ class StepProfile:
             f"input preparation {prepare})",
             f"  host outside the forward {self.host_ms:8.2f} ms   ({100 * self.host_fraction:.0f}% of the step: "
             "schedule + prepare + sample + update)",
+            f"  CPU time per step: forward {self.forward_cpu_ms:.2f} ms, outside the forward {self.host_cpu_ms:.2f} ms",
         ]
         if self.gpu_kernel_ms is not None:
             busy = self.gpu_kernel_ms / self.step_ms if self.step_ms > 0 else 0.0
@@ -96,31 +99,34 @@ class StepTimer:
         self.num_runs = 0
         self._run_s = 0.0
         self._prepare_s: float | None = None
+        self._forward_cpu_s = 0.0
         self.last_batch_shape: tuple[int, int] = (0, 0)  # (sequences, most new tokens of one) of the last run
 
-    def _wrap(self, name: str, record: Callable[[float, tuple], None]) -> None:
+    def _wrap(self, name: str, record: Callable[[float, float, tuple], None]) -> None:
         original = getattr(self.runner, name)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             _sync(self.device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out = original(*args, **kwargs)
             _sync(self.device)
-            record(time.perf_counter() - start, args)
+            record(time.perf_counter() - start, time.process_time() - cpu_start, args)
             return out
 
         setattr(self.runner, name, timed)
         self._patched.append(name)
 
-    def _record_run(self, seconds: float, args: tuple) -> None:
+    def _record_run(self, seconds: float, cpu_seconds: float, args: tuple) -> None:
         self.num_runs += 1
         self._run_s += seconds
+        self._forward_cpu_s += cpu_seconds
         batch = args[0] if args else None
         num_new = list(getattr(batch, "num_new_tokens", []) or [])
         self.last_batch_shape = (len(num_new), max(num_new, default=0))
 
-    def _record_prepare(self, seconds: float, args: tuple) -> None:
+    def _record_prepare(self, seconds: float, cpu_seconds: float, args: tuple) -> None:
         self._prepare_s = (self._prepare_s or 0.0) + seconds
+        self._forward_cpu_s -= cpu_seconds  # input preparation is host work
 
     def __enter__(self) -> "StepTimer":
         self._wrap("run", self._record_run)
@@ -134,14 +140,15 @@ class StepTimer:
             delattr(self.runner, name)  # the class's method shows through again
         self._patched.clear()
 
-    def step(self) -> tuple[float, float, float | None, float]:
-        """One engine step: (step s, run s, prepare s or None, process CPU s)."""
-        self._run_s, self._prepare_s = 0.0, None
+    def step(self) -> tuple[float, float, float | None, float, float]:
+        """One engine step: (step s, run s, prepare s or None, step CPU s, forward CPU s)."""
+        self._run_s, self._prepare_s, self._forward_cpu_s = 0.0, None, 0.0
         _sync(self.device)
         start, cpu_start = time.perf_counter(), time.process_time()
         self.engine.step()
         _sync(self.device)
-        return time.perf_counter() - start, self._run_s, self._prepare_s, time.process_time() - cpu_start
+        step_s, step_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+        return step_s, self._run_s, self._prepare_s, step_cpu_s, self._forward_cpu_s
 
 
 def _gpu_kernel_ms_per_step(engine: Any, num_steps: int) -> tuple[float | None, str | None]:
@@ -218,6 +225,8 @@ def profile_steps(
         forward_ms=ms(forwards),
         host_ms=ms([s - f for s, f in zip(steps, forwards)]),
         cpu_ms_per_step=1e3 * statistics.fmean(s[3] for s in samples),
+        forward_cpu_ms=ms([s[4] for s in samples]),
+        host_cpu_ms=ms([s[3] - s[4] for s in samples]),
         gpu_kernel_ms=gpu_ms,
         gpu_note=gpu_note,
     )
