@@ -68,12 +68,13 @@ for name in modules:
     report["modules"][name] = importlib.import_module(name).__file__
 
 # 3. The GPU test files collect (their tests skip without CUDA; here only collected).
-os.chdir(root)
-import pytest
-out = io.StringIO()
-with contextlib.redirect_stdout(out):
-    code = pytest.main(["--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider", *gpu_tests])
-report["collect"] = {"exit": int(code), "output": out.getvalue()}
+if gpu_tests:
+    os.chdir(root)
+    import pytest
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = pytest.main(["--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider", *gpu_tests])
+    report["collect"] = {"exit": int(code), "output": out.getvalue()}
 report["loaded_tokenmill"] = {n: getattr(m, "__file__", None) for n, m in sys.modules.items()
                               if n == "tokenmill" or n.startswith("tokenmill.")}
 report["loaded_unavailable"] = sorted(n for n, m in sys.modules.items() if m is not None and n.partition(".")[0] in unavailable)
@@ -88,15 +89,28 @@ def _expected_folder(module: str) -> Path:
     return ROOT / "tokenmill"
 
 
-def test_gpu_check_imports_from_a_plain_checkout_without_ray_or_gguf(tmp_path):
+def _run_child(cwd: Path, unavailable, modules, scripts=(), gpu_tests=()) -> dict:
     env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONPATH": ""}
     env.setdefault("TRITON_INTERPRET", "1")
-    payload = json.dumps([str(ROOT), UNAVAILABLE, MODULES, SCRIPTS, GPU_TESTS])
-    done = subprocess.run([sys.executable, "-c", CHILD, payload], cwd=tmp_path, env=env, capture_output=True,
+    payload = json.dumps([str(ROOT), list(unavailable), list(modules), list(scripts), list(gpu_tests)])
+    done = subprocess.run([sys.executable, "-c", CHILD, payload], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
     reports = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
     assert done.returncode == 0 and reports, f"child failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    report = json.loads(reports[-1][len("REPORT "):])
+    return json.loads(reports[-1][len("REPORT "):])
+
+
+def test_nothing_outside_serve_needs_ray_or_gguf(tmp_path):
+    folders = {"engine": "tokenmill.engine", "kernels": "tokenmill.kernels", "tokenmill/bench": "tokenmill.bench"}
+    modules = [f"{package}.{path.stem}" for folder, package in folders.items()
+               for path in sorted((ROOT / folder).glob("*.py")) if path.stem != "__init__"]
+    report = _run_child(tmp_path, ("ray", "gguf"), modules)
+    assert sorted(report["modules"]) == sorted(modules)
+    assert report["loaded_unavailable"] == []
+
+
+def test_gpu_check_imports_from_a_plain_checkout_without_ray_or_gguf(tmp_path):
+    report = _run_child(tmp_path, UNAVAILABLE, MODULES, SCRIPTS, GPU_TESTS)
 
     for script, result in report["scripts"].items():
         assert result == {"exit": 0, "usage": True}, (script, result)
