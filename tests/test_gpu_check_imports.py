@@ -104,7 +104,8 @@ def test_nothing_outside_serve_needs_ray_or_gguf(tmp_path):
     folders = {"engine": "tokenmill.engine", "kernels": "tokenmill.kernels", "tokenmill/bench": "tokenmill.bench"}
     modules = [f"{package}.{path.stem}" for folder, package in folders.items()
                for path in sorted((ROOT / folder).glob("*.py")) if path.stem != "__init__"]
-    report = _run_child(tmp_path, ("ray", "gguf"), modules)
+    report = _run_child(tmp_path, ("ray", "gguf"), modules, scripts=("benchmarks/serve_load.py",))
+    assert report["scripts"] == {"benchmarks/serve_load.py": {"exit": 0, "usage": True}}
     assert sorted(report["modules"]) == sorted(modules)
     assert report["loaded_unavailable"] == []
 
