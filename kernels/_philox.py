@@ -108,10 +108,16 @@ def philox_word_torch(
     return c0
 
 
-def draw_weight_torch(s: torch.Tensor, row_max: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Torch twin of `draw_weight`: s [B, V] float32, row_max [B, 1], kept [B, V] -> int64 [B, V]."""
-    w = (torch.exp(s - row_max) * WEIGHT_SCALE).to(torch.int64)
-    return torch.where(kept, w, 0)
+def draw_weight_torch(
+    scores: torch.Tensor, row_max: torch.Tensor, exp_out: torch.Tensor, weights_out: torch.Tensor
+) -> torch.Tensor:
+    """Torch twin of `draw_weight` for filtered scores [B, V] float32 (removed entries -inf, whose
+    exp is exactly 0) and row_max [B, 1]. Writes the weights into `weights_out` ([B, V] int64) by
+    way of `exp_out` ([B, V] float32 scratch); returns the softmax normaliser sum(exp(s - max)) [B]."""
+    e = torch.sub(scores, row_max, out=exp_out).exp_()
+    norm = e.sum(dim=-1)
+    weights_out.copy_(e.mul_(WEIGHT_SCALE))  # float -> int64 truncates, as the kernel's conversion
+    return norm
 
 
 def draw_target_torch(total: torch.Tensor, word: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ The draw is the integer inverse CDF of `kernels._philox` (one Philox word per ro
 arithmetic the Triton kernel does, so both pick the identical token.
 """
 
+import threading
+
 import torch
 
 from tokenmill.kernels._philox import (
@@ -14,6 +16,24 @@ from tokenmill.kernels._philox import (
     draw_weight_torch,
     philox_word_torch,
 )
+
+_DRAW_CHUNK = 2048  # weights per chunk of the two-level inverse CDF
+_WORKSPACE = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [B, V] temporary of the draw. On the CPU a per-thread buffer reused across steps: a fresh
+    multi-megabyte allocation costs its page faults again on every step. Valid until the next draw."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    numel = shape[0] * shape[1]
+    buffers = getattr(_WORKSPACE, "buffers", None)
+    if buffers is None:
+        buffers = _WORKSPACE.buffers = {}
+    buffer = buffers.get(name)
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+        buffer = buffers[name] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].view(shape)
 
 
 def check_shapes(logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy):
@@ -107,17 +127,32 @@ def draw_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row of filtered, temperature-scaled scores [B, V] (-inf = removed): the integer
     inverse CDF of `kernels._philox`. Returns ids [B] int64 and their log-probs [B] float32."""
+    batch, vocab = scores.shape
     row_max = scores.amax(dim=-1, keepdim=True)  # [B, 1]
     row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    kept = scores > float("-inf")  # [B, V]
-    weights = draw_weight_torch(scores, row_max, kept)  # [B, V] int64
-    cumulative = weights.cumsum_(dim=-1)  # [B, V], in place: weights are not needed again
-    total = cumulative[:, -1]  # [B]
+    weights = _scratch("weights", (batch, vocab), torch.int64, scores.device)  # [B, V]
+    kept_norm = draw_weight_torch(
+        scores, row_max, _scratch("exp", (batch, vocab), torch.float32, scores.device), weights
+    )  # [B]
+    # Integer totals per chunk, then the chunk holding the target, then prefix sums inside that
+    # chunk only (a vectorised sum instead of a [B, V] cumulative sum).
+    chunk = _DRAW_CHUNK
+    num_full = vocab // chunk
+    parts = [weights[:, : num_full * chunk].view(batch, num_full, chunk).sum(-1)]
+    if vocab % chunk:
+        parts.append(weights[:, num_full * chunk :].sum(-1, keepdim=True))
+    chunk_cum = torch.cat(parts, dim=1).cumsum_(dim=1)  # [B, num_chunks] int64
+    total = chunk_cum[:, -1]  # [B]
     word = philox_word_torch(torch.zeros_like(offsets, dtype=torch.int64), offsets, seeds)  # [B]
     target = draw_target_torch(total, word)  # [B]
-    tokens = torch.searchsorted(cumulative, target[:, None], right=True).squeeze(-1)  # first cum > target
+    which = torch.searchsorted(chunk_cum, target[:, None], right=True).clamp_(max=chunk_cum.shape[1] - 1)  # [B, 1]
+    before = torch.where(which > 0, chunk_cum.gather(1, (which - 1).clamp(min=0)), 0)  # [B, 1]
+    columns = which * chunk + torch.arange(chunk, device=scores.device)  # [B, chunk]
+    inside = torch.where(columns < vocab, weights.gather(1, columns.clamp(max=vocab - 1)), 0)
+    inside_cum = inside.cumsum_(dim=1) + before  # [B, chunk]
+    position = torch.searchsorted(inside_cum, target[:, None], right=True)  # first cum > target
+    tokens = (which * chunk + position.clamp(max=chunk - 1)).squeeze(-1)  # [B]
     tokens = torch.where(total > 0, tokens, 0)  # a row with nothing kept (all -inf): token 0
-    kept_norm = torch.exp(scores - row_max).sum(dim=-1)  # [B]
     logprobs = (scores.gather(-1, tokens[:, None]).squeeze(-1) - row_max.squeeze(-1)) - torch.log(kept_norm)
     return tokens, logprobs
 
@@ -146,9 +181,19 @@ def sample_reference(
         rows = (~greedy).nonzero().flatten()
         whole = rows.numel() == batch
         pick = (lambda t: t) if whole else (lambda t: t[rows])
-        filtered = apply_sampling_filters(
-            pick(logits), pick(temperature), pick(top_k), pick(top_p), pick(min_p)
-        )  # [n, V]
+        top_k_rows, top_p_rows, min_p_rows = pick(top_k), pick(top_p), pick(min_p)
+        vocab = logits.shape[1]
+        filtering = ((top_k_rows > 0) & (top_k_rows < vocab)) | (top_p_rows < 1.0) | (min_p_rows > 0.0)
+        if bool(filtering.any()):
+            filtered = apply_sampling_filters(
+                pick(logits), pick(temperature), top_k_rows, top_p_rows, min_p_rows
+            )  # [n, V]
+        else:  # pure sampling (the API default): temperature only, no sort, no top-k
+            x = pick(logits)
+            filtered = torch.div(
+                x.to(torch.float32), pick(temperature).to(torch.float32)[:, None],
+                out=_scratch("scores", tuple(x.shape), torch.float32, x.device),
+            )  # [n, V]
         drawn = draw_reference(filtered, pick(seeds), pick(offsets))
         if whole:
             return drawn
