@@ -10,6 +10,14 @@ NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor), and paged
 attention on decode shapes. Without CUDA it times the torch references and HF
 only (the Triton interpreter is not a performance path). Prints a table with
 ratios; never asserts on times.
+
+Sampling ops: `sampling` (T=0.8, top_k 50, top_p 0.9), `sampling_pure` (T=1, no filter: the
+OpenAI default) and `greedy` (triton: the kernel's greedy rows; torch: argmax + logsumexp, what
+the engine runs; hf: argmax). For each size they also print the passes the Triton kernel makes
+over a row (measured by the kernel itself; on the CPU through the interpreter, on one row), the
+bytes it moves per row (passes x vocab x 4) and the GB/s that makes at the timed speed: the
+kernel's on CUDA, the torch path's on the CPU (there the bytes are one read of the logits, since
+the torch path is not the kernel).
 """
 
 import argparse
@@ -22,6 +30,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a plain checkout: the root first
 
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Pass counts come from the Triton interpreter; must be set before a kernel module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers.generation.logits_process import (
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
@@ -32,7 +44,7 @@ from transformers.generation.logits_process import (
 
 from tokenmill.kernels.ngram import ban_ngrams_reference, ban_ngrams_triton
 from tokenmill.kernels.penalties import apply_penalties_reference, apply_penalties_triton
-from tokenmill.kernels.sampling import sample_reference, sample_triton
+from tokenmill.kernels.sampling import greedy_argmax, sample_reference, sample_triton
 
 TOP_K, TOP_P, TEMPERATURE, NGRAM, REPETITION = 50, 0.9, 0.8, 3, 1.2
 
@@ -57,20 +69,37 @@ def time_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
     return statistics.median(samples)
 
 
-def sampling_case(batch, vocab, device):
-    logits = torch.randn(batch, vocab, device=device) * 3  # [B, V]
-    params = (
-        torch.full((batch,), TEMPERATURE, device=device),
-        torch.full((batch,), TOP_K, dtype=torch.int32, device=device),
-        torch.full((batch,), TOP_P, device=device),
+SAMPLING_KINDS = {  # op -> (temperature, top_k, top_p, greedy)
+    "sampling": (TEMPERATURE, TOP_K, TOP_P, False),
+    "sampling_pure": (1.0, 0, 1.0, False),
+    "greedy": (1.0, 0, 1.0, True),
+}
+
+
+def sampling_params(op, batch, device):
+    temperature, top_k, top_p, greedy = SAMPLING_KINDS[op]
+    return (
+        torch.full((batch,), temperature, device=device),
+        torch.full((batch,), top_k, dtype=torch.int32, device=device),
+        torch.full((batch,), top_p, device=device),
         torch.zeros(batch, device=device),
         torch.arange(batch, dtype=torch.int64, device=device),
         torch.full((batch,), 1000, dtype=torch.int64, device=device),
-        torch.zeros(batch, dtype=torch.bool, device=device),
+        torch.full((batch,), greedy, dtype=torch.bool, device=device),
     )
-    warpers = [TemperatureLogitsWarper(TEMPERATURE), TopKLogitsWarper(TOP_K), TopPLogitsWarper(TOP_P)]
+
+
+def sampling_case(op, batch, vocab, device):
+    logits = torch.randn(batch, vocab, device=device) * 3  # [B, V]
+    params = sampling_params(op, batch, device)
+    temperature, top_k, top_p, greedy = SAMPLING_KINDS[op]
+    warpers = [TemperatureLogitsWarper(temperature)]
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
 
     def hf():
+        if greedy:
+            return logits.argmax(dim=-1)
         scores = logits
         for warper in warpers:
             scores = warper(None, scores)
@@ -78,9 +107,17 @@ def sampling_case(batch, vocab, device):
 
     return {
         "triton": lambda: sample_triton(logits, *params),
-        "torch": lambda: sample_reference(logits, *params),
+        "torch": (lambda: greedy_argmax(logits)) if greedy else (lambda: sample_reference(logits, *params)),
         "hf": hf,
     }
+
+
+def kernel_passes(op, vocab, device) -> float:
+    """Passes the Triton kernel makes over a row of this kind (elements read / vocab), as it counts them."""
+    gen = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(1, vocab, generator=gen) * 3).to(device)
+    _, _, passes = sample_triton(logits, *sampling_params(op, 1, device), return_passes=True)
+    return float(passes[0])
 
 
 def history_case(batch, vocab, history_len, device):
@@ -162,8 +199,9 @@ def attention_rows(batches, context, device, warmup, iters):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", nargs="+", default=["sampling", "ngram", "penalties", "attention"],
-                        choices=["sampling", "ngram", "penalties", "attention"])
+    all_ops = [*SAMPLING_KINDS, "ngram", "penalties", "attention"]
+    parser.add_argument("--ops", nargs="+", default=all_ops, choices=all_ops)
+    parser.add_argument("--no-passes", action="store_true", help="skip counting the kernel's passes")
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="default 1 16 64 256")
     parser.add_argument("--vocab", type=int, nargs="+", default=None, help="default 32000 128256 151936")
     parser.add_argument("--history", type=int, default=1024, help="tokens of history (n-gram, penalties)")
@@ -188,34 +226,46 @@ def main() -> None:
 
     impls = (["triton"] if on_gpu else []) + ["torch"] + ([] if args.no_hf else ["hf"])
     results = []
-    header = f"{'op':<10} {'batch':>5} {'vocab':>7} " + " ".join(f"{name + ' ms':>10}" for name in impls)
+    header = f"{'op':<13} {'batch':>5} {'vocab':>7} " + " ".join(f"{name + ' ms':>10}" for name in impls)
     if on_gpu:
         header += f" {'torch/tri':>10}" + ("" if args.no_hf else f" {'hf/tri':>8}")
     elif not args.no_hf:
         header += f" {'hf/torch':>9}"
+    header += f" {'passes':>7} {'MB/row':>7} {'GB/s':>7}"
+    passes_cache: dict[tuple[str, int], float] = {}
     kernel_ops = [op for op in args.ops if op != "attention"]
     if kernel_ops:
         print("\n" + header)
     for op in kernel_ops:
         for vocab in vocabs:
             for batch in batches:
-                if op == "sampling":
-                    fns = sampling_case(batch, vocab, device)
+                if op in SAMPLING_KINDS:
+                    fns = sampling_case(op, batch, vocab, device)
                 elif op == "ngram":
                     fns = ngram_case(batch, vocab, device, history)
                 else:
                     fns = penalties_case(batch, vocab, device, history)
                 times = {name: time_ms(fns[name], device, warmup, iters) for name in impls}
-                line = f"{op:<10} {batch:>5} {vocab:>7} " + " ".join(f"{times[n]:>10.4f}" for n in impls)
+                line = f"{op:<13} {batch:>5} {vocab:>7} " + " ".join(f"{times[n]:>10.4f}" for n in impls)
                 if on_gpu:
                     line += f" {times['torch'] / times['triton']:>9.1f}x"
                     if not args.no_hf:
                         line += f" {times['hf'] / times['triton']:>7.1f}x"
                 elif not args.no_hf:
                     line += f" {times['hf'] / times['torch']:>8.1f}x"
+                extra = {}
+                if op in SAMPLING_KINDS and not args.no_passes:
+                    if (op, vocab) not in passes_cache:
+                        passes_cache[op, vocab] = kernel_passes(op, vocab, device)
+                    passes = passes_cache[op, vocab]
+                    row_bytes = passes * vocab * 4  # float32 logits
+                    timed_bytes = row_bytes if on_gpu else vocab * 4
+                    gb_per_s = batch * timed_bytes / (times["triton" if on_gpu else "torch"] * 1e6)
+                    extra = {"passes": passes, "kernel_bytes_per_row": row_bytes, "gb_per_s": gb_per_s}
+                    line += f" {passes:>7.2f} {row_bytes / 1e6:>7.2f} {gb_per_s:>7.1f}"
                 print(line, flush=True)
                 results.append({"op": op, "batch": batch, "vocab": vocab,
-                                **{f"{name}_ms": value for name, value in times.items()}})
+                                **{f"{name}_ms": value for name, value in times.items()}, **extra})
     if "attention" in args.ops:
         results += attention_rows([b for b in batches if b <= 64] or batches[:1], context, device, warmup, iters)
     if args.json:

@@ -1,4 +1,8 @@
-"""Next tokens for the non-beam rows of a step: processors -> warpers/filters -> draw (kernels)."""
+"""Next tokens for the non-beam rows of a step: processors -> warpers/filters -> draw (kernels).
+
+Greedy rows take an argmax; sampled rows go through the sampling kernel (the torch path on the CPU).
+A batch that mixes both runs each kind once, and the ids and log-probs come to the host in one copy.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.engine.logits_processors import RowInput, apply_processors, apply_warpers
-from tokenmill.kernels.sampling import sample
+from tokenmill.kernels.sampling import greedy_argmax, sample
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, sample index) over 63 bits
 
@@ -35,36 +39,71 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float]
     top_logprobs: list[dict[int, float] | None]
+    token_tensor: torch.Tensor | None = None  # [num_rows] int64 on the logits' device (the same ids)
+
+
+def _rows_index(row_ids: list[int], num_rows: int, device) -> torch.Tensor | None:
+    """Index of a sub-batch, or None when it is the whole batch (no gather needed)."""
+    if len(row_ids) == num_rows:
+        return None
+    return torch.tensor(row_ids, dtype=torch.int64, device=device)
 
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
         device = logits.device
+        num_rows = len(rows)
         index = torch.tensor([r.logits_index for r in rows], dtype=torch.int64, device=device)
         x = logits.index_select(0, index)  # [num_rows, vocab], a copy the processors may change in place
-        inputs = [r.row for r in rows]
-        x = apply_processors(x, inputs)
+        x = apply_processors(x, [r.row for r in rows])
 
-        params = [r.params for r in inputs]
+        greedy_ids = [i for i, r in enumerate(rows) if not r.row.params.do_sample]
+        sampled_ids = [i for i, r in enumerate(rows) if r.row.params.do_sample]
+        token_ids = torch.empty(num_rows, dtype=torch.int64, device=device)  # [num_rows]
+        logprobs = torch.empty(num_rows, dtype=torch.float32, device=device)  # [num_rows]
+        for ids, draw in ((greedy_ids, self._greedy), (sampled_ids, self._sampled)):
+            if not ids:
+                continue
+            sub = _rows_index(ids, num_rows, device)
+            tokens, lps = draw(x if sub is None else x.index_select(0, sub), [rows[i] for i in ids])
+            if sub is None:
+                token_ids, logprobs = tokens, lps
+            else:
+                token_ids.index_copy_(0, sub, tokens)
+                logprobs.index_copy_(0, sub, lps)
+
+        # One device-to-host copy for ids and log-probs (ids are exact in float64).
+        host = torch.stack([token_ids.to(torch.float64), logprobs.to(torch.float64)]).cpu()  # [2, num_rows]
+        top = self._top_logprobs(x, rows, token_ids)
+        return SamplerOutput([int(t) for t in host[0].tolist()], host[1].tolist(), top, token_ids)
+
+    @staticmethod
+    def _greedy(x: torch.Tensor, rows: list[SampleRow]) -> tuple[torch.Tensor, torch.Tensor]:
+        return greedy_argmax(x)
+
+    @staticmethod
+    def _sampled(x: torch.Tensor, rows: list[SampleRow]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [n, vocab] processed logits of do_sample rows (not modified)."""
+        device = x.device
+        params = [r.row.params for r in rows]
+        temperature = [p.temperature for p in params]
+        top_k = [p.top_k for p in params]
+        top_p = [p.top_p for p in params]
+        min_p = [p.min_p or 0.0 for p in params]
         extra = [i for i, r in enumerate(rows) if r.needs_extra_warpers]
-        temperature = [p.temperature if p.do_sample else 1.0 for p in params]
-        top_k = [p.top_k if p.do_sample else 0 for p in params]
-        top_p = [p.top_p if p.do_sample else 1.0 for p in params]
-        min_p = [(p.min_p or 0.0) if p.do_sample else 0.0 for p in params]
-        processed = x
         if extra:
             # typical/epsilon/eta follow top-p/min-p in HF's order: filter those rows fully first,
             # then let the kernel only draw from them.
             sel = torch.tensor(extra, device=device)
-            x = processed.clone()
-            x[sel] = apply_warpers(processed[sel], [inputs[i] for i in extra])
+            x = x.clone()
+            x[sel] = apply_warpers(x[sel], [rows[i].row for i in extra])
             for i in extra:
                 temperature[i], top_k[i], top_p[i], min_p[i] = 1.0, 0, 1.0, 0.0
 
         def t(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
 
-        token_ids, logprobs = sample(
+        return sample(
             x,
             t(temperature, torch.float32),
             t(top_k, torch.int32),
@@ -72,10 +111,8 @@ class Sampler:
             t(min_p, torch.float32),
             t([r.seed for r in rows], torch.int64),
             t([r.offset for r in rows], torch.int64),
-            t([not p.do_sample for p in params], torch.bool),
+            torch.zeros(len(rows), dtype=torch.bool, device=device),
         )
-        top = self._top_logprobs(processed, rows, token_ids)
-        return SamplerOutput(token_ids.tolist(), logprobs.tolist(), top)
 
     def _top_logprobs(
         self, x: torch.Tensor, rows: list[SampleRow], token_ids: torch.Tensor

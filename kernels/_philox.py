@@ -1,13 +1,21 @@
-"""Counter-based randomness shared by the sampling kernel and its torch reference.
+"""Counter-based randomness and the exact draw arithmetic shared by the sampling kernel and its reference.
 
-Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3") with
-counter (token_index, offset_lo, offset_hi, 0) and key (seed_lo, seed_hi). Only the
-first output word is used: one 32-bit draw per (seed, offset, token_index), so a
-row's draw depends on nothing else in its batch.
+Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3") with counter
+(0, offset_lo, offset_hi, 0) and key (seed_lo, seed_hi) gives ONE 32-bit word per row and step:
+a request's draw depends on its (seed, offset) only, never on its batch neighbours.
 
-The Triton and torch versions compute the same bits; both turn the word into an
-Exp(1) variate with the same float32 arithmetic, so reference and kernel pick the
-same token (up to the last ulp of `log`).
+The word picks a token by an inverse CDF over the kept set, in integers so that every
+implementation (torch, the Triton kernel, any split of a row across programs) picks the same token:
+
+    w_i    = int64(float32(exp(s_i - max s)) * 2**38)   for kept i, else 0     (exact: power-of-two scale)
+    total  = sum_i w_i                                  (< 2**58 for vocabularies below 2**20)
+    target = floor(total * word / 2**32)                (exact 96-bit product, see `draw_target*`)
+    token  = the smallest i with w_0 + ... + w_i > target
+
+Integer sums do not depend on summation order. Token i is drawn with probability w_i / total to
+within 2**-32; tokens lighter than 2**-38 of the top token are never drawn (their mass is below
+V * 2**-38, 5.5e-7 at 151,936 entries). The only float step is `exp`, which may differ by an ulp
+between libraries: that moves a pick only when the target falls in the ulp, about once per 2**24 draws.
 """
 
 import torch
@@ -20,13 +28,13 @@ PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
 PHILOX_NUM_ROUNDS = 10
 MASK32 = 0xFFFFFFFF
-# Below this uniform, -log(1 - u) is taken from its series (log1p without log1p).
-SERIES_CUTOFF = 0.0078125  # 2**-7
+WEIGHT_SCALE = 274877906944.0  # 2**38: float32 exp(s - max) in (0, 1] -> integer weight
+MAX_VOCAB = 1 << 20  # keeps the integer total below 2**58
 
 
 @triton.jit
 def philox_word(index, offset_lo, offset_hi, seed_lo, seed_hi):
-    """First output word of Philox4x32-10; all arguments uint32 (index a block)."""
+    """First output word of Philox4x32-10; all arguments uint32 (index a scalar or a block)."""
     c0 = index
     c1 = offset_lo + index * 0
     c2 = offset_hi + index * 0
@@ -48,11 +56,20 @@ def philox_word(index, offset_lo, offset_hi, seed_lo, seed_hi):
 
 
 @triton.jit
-def exponential_from_word(word):
-    """Exp(1) variate from a uint32 word, float32, fine-grained near 0."""
-    u = word.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10  # (0, 1]
-    series = u * (1.0 + u * (0.5 + u * (0.3333333432674408 + u * 0.25)))
-    return tl.where(u < 0.0078125, series, -tl.log(1.0 - u))
+def draw_weight(s, row_max, kept):
+    """Integer weight of each entry (int64 block): see the module docstring."""
+    w = (tl.exp(s - row_max) * 274877906944.0).to(tl.int64)
+    return tl.where(kept, w, 0)
+
+
+@triton.jit
+def draw_target(total, word):
+    """floor(total * word / 2**32) for int64 total < 2**58 and word in [0, 2**32) (int64), exactly."""
+    t_hi = total >> 29
+    t_lo = total & 0x1FFFFFFF
+    a = t_hi * word  # < 2**61
+    b = t_lo * word  # < 2**61
+    return (a >> 3) + ((((a & 7) << 29) + b) >> 32)
 
 
 def _mulhilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,12 +87,12 @@ def philox_word_torch(
     index: torch.Tensor, offset: torch.Tensor, seed: torch.Tensor
 ) -> torch.Tensor:
     """Torch twin of `philox_word`: int64 tensors (broadcastable), result in [0, 2**32) as int64."""
-    index = index.to(torch.int64) & MASK32
-    offset = offset.to(torch.int64)
-    seed = seed.to(torch.int64)
-    c0 = index
-    c1 = (offset & MASK32).expand_as(index)
-    c2 = ((offset >> 32) & MASK32).expand_as(index)
+    index, offset, seed = torch.broadcast_tensors(
+        index.to(torch.int64), offset.to(torch.int64), seed.to(torch.int64)
+    )
+    c0 = index & MASK32
+    c1 = offset & MASK32
+    c2 = (offset >> 32) & MASK32
     c3 = torch.zeros_like(index)
     k0 = seed & MASK32
     k1 = (seed >> 32) & MASK32
@@ -91,8 +108,20 @@ def philox_word_torch(
     return c0
 
 
-def exponential_from_word_torch(word: torch.Tensor) -> torch.Tensor:
-    """Torch twin of `exponential_from_word` (float32)."""
-    u = word.to(torch.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
-    series = u * (1.0 + u * (0.5 + u * (0.3333333432674408 + u * 0.25)))
-    return torch.where(u < SERIES_CUTOFF, series, -torch.log(1.0 - u))
+def draw_weight_torch(
+    scores: torch.Tensor, row_max: torch.Tensor, exp_out: torch.Tensor, weights_out: torch.Tensor
+) -> torch.Tensor:
+    """Torch twin of `draw_weight` for filtered scores [B, V] float32 (removed entries -inf, whose
+    exp is exactly 0) and row_max [B, 1]. Writes the weights into `weights_out` ([B, V] int64) by
+    way of `exp_out` ([B, V] float32 scratch); returns the softmax normaliser sum(exp(s - max)) [B]."""
+    e = torch.sub(scores, row_max, out=exp_out).exp_()
+    norm = e.sum(dim=-1)
+    weights_out.copy_(e.mul_(WEIGHT_SCALE))  # float -> int64 truncates, as the kernel's conversion
+    return norm
+
+
+def draw_target_torch(total: torch.Tensor, word: torch.Tensor) -> torch.Tensor:
+    """Torch twin of `draw_target` (int64 tensors)."""
+    a = (total >> 29) * word
+    b = (total & 0x1FFFFFFF) * word
+    return (a >> 3) + ((((a & 7) << 29) + b) >> 32)

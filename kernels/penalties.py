@@ -10,10 +10,12 @@ repetition -> presence/frequency -> logit bias -> bans.
 * logit bias: logit += bias at each listed id (ids unique within a row);
 * bans: listed ids -> -inf.
 
-The kernels avoid read-after-write races by building a per-row token state first
-([B, V] int32: output count in the low bits, 'in prompt' and 'banned' flags above)
-with atomics, then applying everything in one pass over the vocabulary; a last
-small kernel adds the biases (banned entries stay -inf).
+One kernel, one program per row, touches only the ids listed in the row's history, bans and
+biases, never the rest of the vocabulary: the cost follows the history length, not the vocabulary.
+It builds a per-id state (output count in the low bits, 'in prompt' and 'banned' flags above, and
+the bias sum) in scratch rows cleared only at those ids, then computes every touched id's new
+logit from the untouched logits before writing any (repeated ids write the same value).
+The engine calls it only for rows that use a penalty, bias or ban (most rows use none).
 """
 
 import torch
@@ -22,81 +24,94 @@ import triton.language as tl
 
 _PROMPT_BIT = 1 << 30
 _BAN_BIT = 1 << 29
-_COUNT_MASK = _BAN_BIT - 1
-_BLOCK_TOKENS = 512
-_BLOCK_VOCAB = 1024
-_BLOCK_IDS = 128
+_BLOCK_IDS = 256
 
 
 @triton.jit
-def _token_state_kernel(
-    state_ptr, V, token_ids_ptr, stride_tokens, prompt_lens_ptr, seq_lens_ptr,
-    repetition_ptr, presence_ptr, frequency_ptr, banned_ptr, stride_banned, num_banned,
-    BLOCK: tl.constexpr, BLOCK_IDS: tl.constexpr,
-):
-    """state[row, t]: count of t among output tokens | PROMPT_BIT if t is in the prompt
-    | BAN_BIT if t is banned."""
-    row = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1)
-    state_row = state_ptr + row * V
-    prompt_len = tl.load(prompt_lens_ptr + row).to(tl.int32)
-    seq_len = tl.load(seq_lens_ptr + row).to(tl.int32)
-    active = (
-        (tl.load(repetition_ptr + row) != 1.0)
-        | (tl.load(presence_ptr + row) != 0.0)
-        | (tl.load(frequency_ptr + row) != 0.0)
-    )
-    positions = block * BLOCK + tl.arange(0, BLOCK)
-    tokens = tl.load(
-        token_ids_ptr + row * stride_tokens + positions, mask=positions < seq_len, other=-1
-    )
-    ok = (positions < seq_len * active.to(tl.int32)) & (tokens >= 0) & (tokens < V)
-    in_prompt = positions < prompt_len
-    tl.atomic_or(state_row + tokens, 1 << 30, mask=ok & in_prompt)
-    tl.atomic_add(state_row + tokens, 1, mask=ok & (~in_prompt))
-    # The first block of each row also marks its banned ids.
-    for start in range(0, num_banned, BLOCK_IDS):
-        k = start + tl.arange(0, BLOCK_IDS)
-        ids = tl.load(banned_ptr + row * stride_banned + k, mask=k < num_banned * (block == 0).to(tl.int32), other=-1)
-        tl.atomic_or(state_row + ids, 1 << 29, mask=(ids >= 0) & (ids < V))
+def _row_ids(token_ids_ptr, stride_tokens, banned_ptr, stride_banned, bias_ids_ptr, stride_bias,
+             row, k, n_history, seq_len, num_banned, num_bias, V):
+    """The id at position k of the row's touched list: history (when the row has a penalty), then
+    bans, then logit-bias ids; -1 where k is past the list or the id is outside the vocabulary."""
+    in_history = k < n_history
+    is_ban = (k >= seq_len) & (k < seq_len + num_banned)
+    is_bias = (k >= seq_len + num_banned) & (k < seq_len + num_banned + num_bias)
+    ids = tl.load(token_ids_ptr + row * stride_tokens + k, mask=in_history, other=-1)
+    ids = tl.where(is_ban, tl.load(banned_ptr + row * stride_banned + (k - seq_len), mask=is_ban, other=-1), ids)
+    bias_k = k - seq_len - num_banned
+    ids = tl.where(is_bias, tl.load(bias_ids_ptr + row * stride_bias + bias_k, mask=is_bias, other=-1), ids)
+    return tl.where((ids >= 0) & (ids < V), ids, -1).to(tl.int64)
 
 
 @triton.jit
-def _apply_kernel(
-    logits_ptr, stride_logits, state_ptr, V, repetition_ptr, presence_ptr, frequency_ptr,
+def _penalties_kernel(
+    logits_ptr, stride_logits, state_ptr, bias_sum_ptr, new_ptr, stride_new, V,
+    token_ids_ptr, stride_tokens, prompt_lens_ptr, seq_lens_ptr,
+    repetition_ptr, presence_ptr, frequency_ptr,
+    banned_ptr, stride_banned, num_banned, bias_ids_ptr, bias_values_ptr, stride_bias, num_bias,
     BLOCK: tl.constexpr,
 ):
+    """One program per row; it touches only the ids in its history, bans and biases, never the
+    rest of the vocabulary. The scratch `state` / `bias_sum` rows ([B, V], uninitialised) are
+    cleared at those ids only. Four short sweeps over the touched list, with a barrier between:
+    clear -> count (atomics: output count, 'in prompt' and 'banned' bits, bias sum) -> compute
+    every touched id's new logit from the untouched logits -> write. Repeated ids write the same
+    value, so the order of the writes does not matter."""
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < V
-    ptrs = logits_ptr + row * stride_logits + cols
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    state = tl.load(state_ptr + row * V + cols, mask=mask, other=0)
-    repetition = tl.load(repetition_ptr + row)
-    presence = tl.load(presence_ptr + row)
-    frequency = tl.load(frequency_ptr + row)
-    count = state & ((1 << 29) - 1)
-    seen = ((state & (1 << 30)) != 0) | (count > 0)
-    x = tl.where(seen, tl.where(x < 0, x * repetition, x / repetition), x)
-    x = tl.where(count > 0, x - (frequency * count.to(tl.float32) + presence), x)
-    x = tl.where((state & (1 << 29)) != 0, float("-inf"), x)
-    tl.store(ptrs, x.to(logits_ptr.dtype.element_ty), mask=mask)
+    prompt_len = tl.load(prompt_lens_ptr + row).to(tl.int32)
+    seq_len = tl.load(seq_lens_ptr + row).to(tl.int32)
+    repetition = tl.load(repetition_ptr + row).to(tl.float32)
+    presence = tl.load(presence_ptr + row).to(tl.float32)
+    frequency = tl.load(frequency_ptr + row).to(tl.float32)
+    active = (repetition != 1.0) | (presence != 0.0) | (frequency != 0.0)
+    n_history = tl.where(active, seq_len, 0)  # rows with bans / biases only never read their history
+    length = seq_len + num_banned + num_bias
+    state_row = state_ptr + row * V
+    bias_row = bias_sum_ptr + row * V
+    logits_row = logits_ptr + row * stride_logits
+    new_row = new_ptr + row * stride_new
 
-
-@triton.jit
-def _bias_kernel(
-    logits_ptr, stride_logits, V, bias_ids_ptr, bias_values_ptr, stride_ids, stride_values, num_ids,
-    BLOCK_IDS: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    for start in range(0, num_ids, BLOCK_IDS):
-        k = start + tl.arange(0, BLOCK_IDS)
-        ids = tl.load(bias_ids_ptr + row * stride_ids + k, mask=k < num_ids, other=-1)
-        ok = (ids >= 0) & (ids < V)
-        values = tl.load(bias_values_ptr + row * stride_values + k, mask=ok, other=0.0)
-        ptrs = logits_ptr + row * stride_logits + ids
-        x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(ptrs, (x + values).to(logits_ptr.dtype.element_ty), mask=ok)
+    for start in range(0, length, BLOCK):  # clear
+        k = start + tl.arange(0, BLOCK)
+        ids = _row_ids(token_ids_ptr, stride_tokens, banned_ptr, stride_banned, bias_ids_ptr, stride_bias,
+                       row, k, n_history, seq_len, num_banned, num_bias, V)
+        tl.store(state_row + ids, 0, mask=ids >= 0)
+        tl.store(bias_row + ids, 0.0, mask=ids >= 0)
+    tl.debug_barrier()
+    for start in range(0, length, BLOCK):  # count
+        k = start + tl.arange(0, BLOCK)
+        ids = _row_ids(token_ids_ptr, stride_tokens, banned_ptr, stride_banned, bias_ids_ptr, stride_bias,
+                       row, k, n_history, seq_len, num_banned, num_bias, V)
+        ok = ids >= 0
+        is_history = k < n_history
+        tl.atomic_or(state_row + ids, 1 << 30, mask=ok & is_history & (k < prompt_len))
+        tl.atomic_add(state_row + ids, 1, mask=ok & is_history & (k >= prompt_len))
+        tl.atomic_or(state_row + ids, 1 << 29, mask=ok & (k >= seq_len) & (k < seq_len + num_banned))
+        is_bias = ok & (k >= seq_len + num_banned)
+        values = tl.load(bias_values_ptr + row * stride_bias + (k - seq_len - num_banned), mask=is_bias, other=0.0)
+        tl.atomic_add(bias_row + ids, values.to(tl.float32), mask=is_bias)
+    tl.debug_barrier()
+    for start in range(0, length, BLOCK):  # new logits, from the untouched ones
+        k = start + tl.arange(0, BLOCK)
+        ids = _row_ids(token_ids_ptr, stride_tokens, banned_ptr, stride_banned, bias_ids_ptr, stride_bias,
+                       row, k, n_history, seq_len, num_banned, num_bias, V)
+        ok = ids >= 0
+        x = tl.load(logits_row + ids, mask=ok, other=0.0).to(tl.float32)
+        state = tl.load(state_row + ids, mask=ok, other=0)
+        count = state & ((1 << 29) - 1)
+        seen = ((state & (1 << 30)) != 0) | (count > 0)
+        x = tl.where(seen, tl.where(x < 0, x * repetition, x / repetition), x)
+        x = tl.where(count > 0, x - (frequency * count.to(tl.float32) + presence), x)
+        x = tl.where((state & (1 << 29)) != 0, float("-inf"), x)
+        x = x + tl.load(bias_row + ids, mask=ok, other=0.0)
+        tl.store(new_row + k, x, mask=ok)
+    tl.debug_barrier()
+    for start in range(0, length, BLOCK):  # write
+        k = start + tl.arange(0, BLOCK)
+        ids = _row_ids(token_ids_ptr, stride_tokens, banned_ptr, stride_banned, bias_ids_ptr, stride_bias,
+                       row, k, n_history, seq_len, num_banned, num_bias, V)
+        ok = ids >= 0
+        x = tl.load(new_row + k, mask=ok, other=0.0)
+        tl.store(logits_row + ids, x.to(logits_ptr.dtype.element_ty), mask=ok)
 
 
 def _check(logits, token_ids, prompt_lens, seq_lens, rows, banned_ids, bias_ids, bias_values):
@@ -140,28 +155,28 @@ def apply_penalties_triton(
     presence = presence_penalty.to(device=device, dtype=torch.float32).contiguous()
     frequency = frequency_penalty.to(device=device, dtype=torch.float32).contiguous()
     token_ids = token_ids.contiguous()
+    seq_lens = seq_lens.to(device).contiguous()
+    prompt_lens = prompt_lens.to(device).contiguous()
     if banned_ids is None:
         banned_ids = torch.full((batch, 1), -1, dtype=torch.int64, device=device)  # [B, 1]
+    if bias_ids is None:
+        bias_ids = torch.full((batch, 1), -1, dtype=torch.int64, device=device)  # [B, 1]
+        bias_values = torch.zeros((batch, 1), dtype=torch.float32, device=device)
     banned_ids = banned_ids.contiguous()
-    state = torch.zeros(batch, vocab, dtype=torch.int32, device=device)  # [B, V]
-    max_len = max(token_ids.shape[1], 1)
-    _token_state_kernel[(batch, triton.cdiv(max_len, _BLOCK_TOKENS))](
-        state, vocab, token_ids, token_ids.stride(0), prompt_lens, seq_lens,
-        repetition, presence, frequency, banned_ids, banned_ids.stride(0), banned_ids.shape[1],
-        BLOCK=_BLOCK_TOKENS, BLOCK_IDS=_BLOCK_IDS, num_warps=4,
+    bias_ids = bias_ids.contiguous()
+    bias_values = bias_values.to(device=device, dtype=torch.float32).contiguous()
+    # Scratch, never cleared as a whole: the kernel clears the ids it touches.
+    state = torch.empty(batch, vocab, dtype=torch.int32, device=device)  # [B, V]
+    bias_sum = torch.empty(batch, vocab, dtype=torch.float32, device=device)  # [B, V]
+    width = token_ids.shape[1] + banned_ids.shape[1] + bias_ids.shape[1]
+    new_values = torch.empty(batch, width, dtype=torch.float32, device=device)  # [B, L + K + K2]
+    _penalties_kernel[(batch,)](
+        logits, logits.stride(0), state, bias_sum, new_values, new_values.stride(0), vocab,
+        token_ids, token_ids.stride(0), prompt_lens, seq_lens, repetition, presence, frequency,
+        banned_ids, banned_ids.stride(0), banned_ids.shape[1],
+        bias_ids, bias_values, bias_ids.stride(0), bias_ids.shape[1],
+        BLOCK=_BLOCK_IDS, num_warps=4,
     )
-    _apply_kernel[(batch, triton.cdiv(vocab, _BLOCK_VOCAB))](
-        logits, logits.stride(0), state, vocab, repetition, presence, frequency,
-        BLOCK=_BLOCK_VOCAB, num_warps=4,
-    )
-    if bias_ids is not None and bias_ids.shape[1] > 0:
-        bias_ids = bias_ids.contiguous()
-        bias_values = bias_values.to(device=device, dtype=torch.float32).contiguous()
-        _bias_kernel[(batch,)](
-            logits, logits.stride(0), vocab, bias_ids, bias_values,
-            bias_ids.stride(0), bias_values.stride(0), bias_ids.shape[1],
-            BLOCK_IDS=_BLOCK_IDS, num_warps=4,
-        )
     return logits
 
 

@@ -1,109 +1,125 @@
-"""Fused filtering + sampling: temperature, top-k, top-p, min-p, then a Philox draw.
+"""Fused filtering + sampling: temperature, top-k, top-p, min-p, then one Philox draw per row.
 
-Semantics are those of HF's TemperatureLogitsWarper -> TopKLogitsWarper ->
-TopPLogitsWarper -> MinPLogitsWarper followed by sampling from the softmax, with
-per-row parameters. The kept set of each row is an upper set of the (temperature
-scaled) logits, so the kernel only has to find one threshold per row; it does so
-without sorting, by a bisection over logit values that snaps to data values:
+Semantics are those of HF's TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper ->
+MinPLogitsWarper followed by sampling from the softmax, with per-row parameters. The kept set of a
+row is an upper set of its temperature-scaled logits s, so the kernel finds one threshold per row,
+without sorting, by radix selects on the order-preserving 32-bit key of s (RADIX_BITS per level,
+32 / RADIX_BITS passes per select):
 
-* top-k: t_k = largest value v with count(s >= v) >= k;
-* top-p: t_p = largest value v with mass(s >= v) >= top_p * mass(s >= t_k)
+* top-k: t_k = the largest value v with count(s >= v) >= k (ties at the boundary are all kept);
+* top-p: t_p = the largest value v >= t_k with mass(v <= s, s >= t_k) >= top_p * mass(s >= t_k)
   (a token is kept iff the mass strictly above it is below top_p, as in HF);
 * min-p: t_m = max(s) + log(min_p).
 
-The row keeps s >= max(t_k, t_p, t_m) and draws by an exponential race:
-token = argmax over kept i of (s_i - max s) - log(E_i), E_i ~ Exp(1) from
-Philox(seed, offset, i), which picks i with probability softmax(kept)_i.
-The torch reference filters by sorting (exactly HF's warpers) and races with the
-same Philox draws, so both pick the same token.
+The row keeps s >= max(t_k, t_p, t_m) and draws by the integer inverse CDF of `kernels._philox`
+(one Philox word per row, order-free int64 sums), which the torch reference repeats exactly.
+
+Passes over a row (one program per row): 1 (max, softmax normaliser, argmax), 32 / RADIX_BITS
+for a top-k row, as many for a top-p row, 1 for the kept total, and on average half of one for the
+pick (it stops at the chosen token). A greedy row reads its logits once. The kernel reports the
+elements it read per row (`return_passes`), so the pass count is measured, not assumed.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from tokenmill.kernels._philox import (
-    exponential_from_word,
-    exponential_from_word_torch,
-    philox_word,
-    philox_word_torch,
+from tokenmill.kernels._philox import draw_target, draw_weight, philox_word
+from tokenmill.kernels.sampling_reference import (
+    apply_sampling_filters,
+    check_shapes,
+    greedy_reference,
+    sample_reference,
 )
 
-_MAX_SEARCH_ITERS = 96
-_MAX_BLOCK = 4096
+_MAX_BLOCK = 4096  # streaming passes
+_MAX_RADIX_BLOCK = 1024  # radix passes hold a [block, 2**RADIX_BITS] one-hot for the mass histogram
+RADIX_BITS = 4
 
 
 @triton.jit
-def _scan_at(row_ptr, V, temp, row_max, mid, BLOCK: tl.constexpr):
-    """One pass over a row: count and mass of {s >= mid}, min of that set (and its
-    multiplicity), max of {s < mid}. Accumulates per lane, reduces once at the end."""
-    count = tl.zeros([BLOCK], dtype=tl.int32)
-    mass = tl.zeros([BLOCK], dtype=tl.float32)
-    up = tl.full([BLOCK], float("inf"), dtype=tl.float32)
-    n_up = tl.zeros([BLOCK], dtype=tl.int32)
-    dn = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
-        s = x.to(tl.float32) / temp
-        ge = s >= mid
-        count += ge.to(tl.int32)
-        mass += tl.where(ge, tl.exp(s - row_max), 0.0)
-        cand = tl.where(ge, s, float("inf"))
-        n_up = tl.where(cand < up, 1, tl.where(ge & (cand == up), n_up + 1, n_up))
-        up = tl.minimum(up, cand)
-        dn = tl.maximum(dn, tl.where(ge, float("-inf"), s))
-    v_up = tl.min(up, axis=0)
-    return (
-        tl.sum(count, axis=0),
-        tl.sum(mass, axis=0),
-        v_up,
-        tl.sum(tl.where(up == v_up, n_up, 0), axis=0),
-        tl.max(dn, axis=0),
-    )
+def _scaled(row_ptr, offs, V, temp):
+    x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
+    s = x.to(tl.float32) / temp
+    return tl.where(s == 0.0, 0.0, s)  # -0.0 -> +0.0: one key per float value
 
 
 @triton.jit
-def _threshold_search(
-    row_ptr, V, temp, row_max, lo, hi, mid, floor, target, active,
-    USE_MASS: tl.constexpr, MAX_ITERS: tl.constexpr, BLOCK: tl.constexpr,
+def _order_key(s):
+    """Order-preserving key of float32 s as int64 in [0, 2**32)."""
+    bits = s.to(tl.int32, bitcast=True).to(tl.int64)
+    return tl.where(bits >= 0, bits + 2147483648, -1 - bits)
+
+
+@triton.jit
+def _key_to_float(key):
+    bits = tl.where(key >= 2147483648, key - 2147483648, -1 - key).to(tl.int32)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _radix_select(
+    row_ptr, V, n_sweep, temp, row_max, floor, target,
+    USE_MASS: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Largest data value v >= floor with g(v) >= target, g(v) = count (or mass) of
-    {s >= v}; -inf when it lies below `floor` (or every value qualifies).
-    Invariant: the answer is in (lo, hi]. Returns (threshold, mass(s >= threshold))."""
-    result = row_max * 0.0 + float("-inf")
-    result_mass = row_max * 0.0
-    status = active.to(tl.int32) * 0 + tl.where(active, 0, 2)  # 0 searching, 1 found, 2 below floor
-    num_iters = status * 0
-    while (status == 0) & (num_iters < MAX_ITERS):
-        count, mass, v_up, n_up, v_dn = _scan_at(row_ptr, V, temp, row_max, mid, BLOCK)
+    """Largest key K among the eligible entries (s >= floor, finite) with G(K) >= goal, where
+    G(K) = count (USE_MASS False, goal = target) or mass exp(s - max) (goal = target * the mass of
+    all eligible entries) of the eligible entries with key >= K. Reads the row 32 / RADIX_BITS times
+    (none when n_sweep is 0). Returns (K as a float, -inf when no key qualifies; elements read)."""
+    NUM_BINS: tl.constexpr = 1 << RADIX_BITS
+    bins = tl.arange(0, NUM_BINS)
+    zero = n_sweep * 0
+    lo = zero.to(tl.int64)  # the current key range is [lo, lo + 2**(32 - level * RADIX_BITS))
+    above_count = zero
+    above_mass = zero.to(tl.float32)
+    found = n_sweep > 0
+    goal = target + above_mass
+    read = zero
+    for level in tl.static_range(32 // RADIX_BITS):
+        SHIFT: tl.constexpr = 32 - RADIX_BITS * (level + 1)
+        hist_count = tl.zeros([NUM_BINS], dtype=tl.int32)
+        hist_mass = tl.zeros([NUM_BINS], dtype=tl.float32)
+        start = zero
+        while start < n_sweep:
+            offs = start + tl.arange(0, BLOCK)
+            s = _scaled(row_ptr, offs, V, temp)
+            key = _order_key(s)
+            digit = (key - lo) >> SHIFT
+            eligible = (offs < V) & (s >= floor) & (s > float("-inf"))
+            in_range = eligible & (key >= lo) & (digit < NUM_BINS)
+            digit = tl.where(in_range, digit, 0).to(tl.int32)
+            if USE_MASS:
+                onehot = (digit[:, None] == bins[None, :]) & in_range[:, None]  # [BLOCK, NUM_BINS]
+                weight = tl.exp(s - row_max)
+                hist_mass += tl.sum(tl.where(onehot, weight[:, None], 0.0), axis=0)
+            else:
+                hist_count += tl.histogram(digit, NUM_BINS, mask=in_range)
+            read += tl.minimum(V - start, BLOCK)
+            start += BLOCK
         if USE_MASS:
-            g = mass
-            g_above = mass - n_up.to(tl.float32) * tl.exp(v_up - row_max)
+            if level == 0:
+                goal = target * tl.sum(hist_mass, axis=0)  # top_p * the mass of the eligible set
+            suffix = above_mass + tl.sum(hist_mass, axis=0) - tl.cumsum(hist_mass, axis=0) + hist_mass
         else:
-            g = count.to(tl.float32)
-            g_above = (count - n_up).to(tl.float32)
-        reached = g >= target
-        hit = reached & (g_above < target)
-        result = tl.where(hit, v_up, result)
-        result_mass = tl.where(hit, mass, result_mass)
-        lo = tl.where(reached & (g_above >= target), v_up, lo)
-        hi = tl.where(reached, hi, v_dn)
-        fell = (~reached) & ((v_dn < floor) | (v_dn == float("-inf")))
-        status = tl.where(hit, 1, tl.where(fell, 2, status))
-        mid = lo * 0.5 + hi * 0.5
-        mid = tl.where(mid <= lo, hi, mid)
-        num_iters += 1
-    # Out of iterations (float round-off in mass mode): keep the safe side.
-    result = tl.where(status == 0, hi, result)
-    return result, result_mass
+            suffix = (above_count + tl.sum(hist_count, axis=0) - tl.cumsum(hist_count, axis=0) + hist_count)
+            suffix = suffix.to(tl.float32)
+        digit_star = tl.max(tl.where(suffix >= goal, bins, -1), axis=0)
+        if level == 0:
+            found = found & (digit_star >= 0)
+        # Float round-off can leave no bin reaching the goal below level 0: keep the whole range.
+        digit_star = tl.maximum(digit_star, 0)
+        above_count += tl.sum(tl.where(bins > digit_star, hist_count, 0), axis=0)
+        above_mass += tl.sum(tl.where(bins > digit_star, hist_mass, 0.0), axis=0)
+        lo += digit_star.to(tl.int64) << SHIFT
+    threshold = tl.where(found, _key_to_float(lo), float("-inf"))
+    return threshold, read
 
 
 @triton.jit
 def _sample_kernel(
     logits_ptr, stride_row, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
-    seeds_ptr, offsets_ptr, greedy_ptr, out_token_ptr, out_logprob_ptr, out_threshold_ptr,
-    V, MAX_ITERS: tl.constexpr, BLOCK: tl.constexpr,
+    seeds_ptr, offsets_ptr, greedy_ptr, out_token_ptr, out_logprob_ptr, out_threshold_ptr, out_read_ptr,
+    V, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr, RADIX_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -113,95 +129,81 @@ def _sample_kernel(
     top_p = tl.load(top_p_ptr + row).to(tl.float32)
     min_p = tl.load(min_p_ptr + row).to(tl.float32)
 
-    # Pass 1: row max, softmax normaliser (online, per lane), smallest finite value.
+    # Pass 1: row max, softmax normaliser (online, per lane), first index of the max.
     lane_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     lane_norm = tl.zeros([BLOCK], dtype=tl.float32)
-    lane_min = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+    lane_arg = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
-        s = x.to(tl.float32) / temp
+        s = _scaled(row_ptr, offs, V, temp)
+        lane_arg = tl.where(s > lane_max, offs, lane_arg)
         new_max = tl.maximum(lane_max, s)
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         lane_norm = lane_norm * tl.exp(lane_max - safe_max) + tl.exp(s - safe_max)
         lane_max = new_max
-        lane_min = tl.minimum(lane_min, tl.where(s > float("-inf"), s, float("inf")))
     row_max = tl.max(lane_max, axis=0)
     safe_row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     norm = tl.sum(lane_norm * tl.exp(lane_max - safe_row_max), axis=0)
-    finite_min = tl.min(lane_min, axis=0)
-    zero_f = norm * 0.0
+    argmax = tl.min(tl.where(lane_max == row_max, lane_arg, V), axis=0)
+    argmax = tl.where(argmax == V, 0, argmax)
+    read = V + top_k * 0
 
-    # Top-k threshold and the mass it keeps (bisection on counts).
-    k_on = (~greedy) & (top_k > 0) & (top_k < V)
-    t_k, mass_k = _threshold_search(
-        row_ptr, V, temp, row_max, finite_min - 1.0, row_max, finite_min * 0.5 + row_max * 0.5,
-        zero_f - float("inf"), top_k.to(tl.float32), k_on, False, MAX_ITERS, BLOCK,
+    # Thresholds (no pass at all for greedy rows or filters that are off).
+    n_top_k = tl.where((~greedy) & (top_k > 0) & (top_k < V), V, 0)
+    t_k, read_k = _radix_select(
+        row_ptr, V, n_top_k, temp, safe_row_max, float("-inf"), top_k.to(tl.float32),
+        False, RADIX_BITS, RADIX_BLOCK,
     )
-    mass_k = tl.where(t_k > float("-inf"), mass_k, norm)  # top-k off or keeping everything
+    n_top_p = tl.where((~greedy) & (top_p < 1.0), V, 0)
+    t_p, read_p = _radix_select(
+        row_ptr, V, n_top_p, temp, safe_row_max, t_k, top_p, True, RADIX_BITS, RADIX_BLOCK,
+    )
     t_m = tl.where((~greedy) & (min_p > 0.0), row_max + tl.log(tl.maximum(min_p, 1e-30)), float("-inf"))
-    t_km = tl.maximum(t_k, t_m)
+    threshold = tl.maximum(tl.maximum(t_k, t_p), t_m)
+    read += read_k + read_p
 
-    # Top-p threshold, searched only above what top-k / min-p already remove.
-    # Tokens lighter than (1 - top_p) * mass_k / V sum to less than the removed mass,
-    # so the threshold is at least that heavy.
-    p_on = (~greedy) & (top_p < 1.0)
-    target_p = top_p * mass_k
-    floor_p = tl.maximum(t_km, row_max + tl.log(tl.maximum(1.0 - top_p, 1e-30) * mass_k / V))
-    floor_p = tl.minimum(floor_p, row_max)
-    t_p, _ = _threshold_search(
-        row_ptr, V, temp, row_max, floor_p - 1.0, row_max, floor_p,
-        floor_p, target_p, p_on, True, MAX_ITERS, BLOCK,
-    )
-    threshold = tl.maximum(t_km, t_p)
-
-    # Last pass: exponential race over the kept set (plain argmax on greedy rows).
+    # Draw: the integer total of the kept weights, then the first index whose running sum passes
+    # the target (stops there).
+    n_draw = tl.where(greedy, 0, V)
+    total = tl.zeros([BLOCK], dtype=tl.int64).sum(axis=0)
+    kept_norm = norm * 0.0
+    start = n_draw * 0
+    while start < n_draw:
+        offs = start + tl.arange(0, BLOCK)
+        s = _scaled(row_ptr, offs, V, temp)
+        kept = (offs < V) & (s >= threshold) & (s > float("-inf"))
+        total += tl.sum(draw_weight(s, safe_row_max, kept), axis=0)
+        kept_norm += tl.sum(tl.where(kept, tl.exp(s - safe_row_max), 0.0), axis=0)
+        read += tl.minimum(V - start, BLOCK)
+        start += BLOCK
     offset = tl.load(offsets_ptr + row).to(tl.uint64)
     seed = tl.load(seeds_ptr + row).to(tl.uint64)
     offset_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
-    offset_hi = (offset >> 32).to(tl.uint32)
     seed_lo = (seed & 0xFFFFFFFF).to(tl.uint32)
-    seed_hi = (seed >> 32).to(tl.uint32)
-    lane_best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    lane_index = tl.zeros([BLOCK], dtype=tl.int32)
-    lane_s = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    lane_kept_norm = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, V, BLOCK):
+    word = philox_word(
+        offset_lo * 0, offset_lo, (offset >> 32).to(tl.uint32), seed_lo, (seed >> 32).to(tl.uint32)
+    )
+    target = draw_target(total, word.to(tl.int64))
+    token = V + top_k * 0
+    running = total * 0
+    start = n_draw * 0
+    while (start < n_draw) & (token == V):
         offs = start + tl.arange(0, BLOCK)
-        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
-        s = x.to(tl.float32) / temp
-        keep = (offs < V) & (s >= threshold)
-        word = philox_word(offs.to(tl.uint32), offset_lo, offset_hi, seed_lo, seed_hi)
-        noise = tl.log(exponential_from_word(word))
-        score = tl.where(greedy, s, (s - row_max) - noise)
-        score = tl.where(keep, score, float("-inf"))
-        better = score > lane_best
-        lane_index = tl.where(better, offs, lane_index)
-        lane_s = tl.where(better, s, lane_s)
-        lane_best = tl.where(better, score, lane_best)
-        lane_kept_norm += tl.where(keep, tl.exp(s - row_max), 0.0)
-    # First index among the best (lanes hold increasing indices; ties keep the first).
-    best_score = tl.max(lane_best, axis=0)
-    is_best = lane_best == best_score
-    best_index = tl.min(tl.where(is_best, lane_index, V), axis=0)
-    best_s = tl.max(tl.where(is_best & (lane_index == best_index), lane_s, float("-inf")), axis=0)
-    best_index = tl.where(best_index == V, 0, best_index)
-    kept_norm = tl.sum(lane_kept_norm, axis=0)
-    tl.store(out_token_ptr + row, best_index.to(tl.int64))
-    tl.store(out_logprob_ptr + row, (best_s - row_max) - tl.log(kept_norm))
+        s = _scaled(row_ptr, offs, V, temp)
+        kept = (offs < V) & (s >= threshold) & (s > float("-inf"))
+        w = draw_weight(s, safe_row_max, kept)
+        passed = (running + tl.cumsum(w, axis=0)) > target
+        token = tl.minimum(token, tl.min(tl.where(passed & (offs < V), offs, V), axis=0))
+        running += tl.sum(w, axis=0)
+        read += tl.minimum(V - start, BLOCK)
+        start += BLOCK
+    token = tl.where(greedy, argmax, tl.where(token == V, 0, token))
+    s_token = tl.load(row_ptr + token).to(tl.float32) / temp
+    logprob = (s_token - row_max) - tl.log(tl.where(greedy, norm, kept_norm))
+    tl.store(out_token_ptr + row, token.to(tl.int64))
+    tl.store(out_logprob_ptr + row, logprob)
     tl.store(out_threshold_ptr + row, threshold)
-
-
-def _check_shapes(logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy):
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be 2-D [batch, vocab], got shape {tuple(logits.shape)}")
-    batch = logits.shape[0]
-    for name, tensor in (
-        ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
-        ("seeds", seeds), ("offsets", offsets), ("greedy", greedy),
-    ):
-        if tensor.shape != (batch,):
-            raise ValueError(f"{name} must have shape ({batch},), got {tuple(tensor.shape)}")
+    tl.store(out_read_ptr + row, read)
 
 
 def sample_triton(
@@ -214,10 +216,12 @@ def sample_triton(
     offsets: torch.Tensor,
     greedy: torch.Tensor,
     return_threshold: bool = False,
+    return_passes: bool = False,
 ):
-    """The fused kernel. With `return_threshold`, also the per-row logit threshold
-    ([B] float32, temperature-scaled; kept = logits / T >= threshold)."""
-    _check_shapes(logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy)
+    """The fused kernel: ids [B] int64 and log-probs [B] float32. With `return_threshold`, also the
+    per-row logit threshold ([B] float32, temperature-scaled; kept = logits / T >= threshold); with
+    `return_passes`, also the passes over each row the kernel made ([B] float32, elements read / V)."""
+    check_shapes(logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     batch, vocab = logits.shape
@@ -225,98 +229,28 @@ def sample_triton(
     tokens = torch.empty(batch, dtype=torch.int64, device=device)  # [B]
     logprobs = torch.empty(batch, dtype=torch.float32, device=device)  # [B]
     thresholds = torch.empty(batch, dtype=torch.float32, device=device)  # [B]
+    read = torch.empty(batch, dtype=torch.int32, device=device)  # [B] elements read per row
     if batch > 0:
         block = min(_MAX_BLOCK, triton.next_power_of_2(vocab))
         _sample_kernel[(batch,)](
             logits, logits.stride(0), temperature, top_k, top_p, min_p,
-            seeds, offsets, greedy.to(torch.int8), tokens, logprobs, thresholds,
-            vocab, MAX_ITERS=_MAX_SEARCH_ITERS, BLOCK=block, num_warps=8,
+            seeds, offsets, greedy.to(torch.int8), tokens, logprobs, thresholds, read,
+            vocab, RADIX_BITS=RADIX_BITS, BLOCK=block, RADIX_BLOCK=min(block, _MAX_RADIX_BLOCK),
+            num_warps=8,
             enable_fp_fusion=False,  # same float32 rounding as the torch reference
         )
+    out = (tokens, logprobs)
     if return_threshold:
-        return tokens, logprobs, thresholds
-    return tokens, logprobs
+        out += (thresholds,)
+    if return_passes:
+        out += (read.float() / max(vocab, 1),)
+    return out
 
 
-def apply_sampling_filters(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    min_p: torch.Tensor,
-    min_tokens_to_keep: int = 1,
-) -> torch.Tensor:
-    """HF's Temperature -> TopK -> TopP -> MinP warpers with per-row parameters
-    (top_k 0, top_p 1.0, min_p 0.0 = off). Returns float32 [B, V]; removed = -inf."""
-    scores = logits.to(torch.float32) / temperature.to(torch.float32)[:, None]  # [B, V]
-    vocab = scores.shape[-1]
-    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
-
-    k = top_k.to(torch.int64)
-    k_on = k > 0
-    if bool(k_on.any()):
-        k_eff = torch.clamp(torch.clamp(k, min=min_tokens_to_keep), max=vocab)
-        # Host sync for the largest k: fine here, this is the CPU / reference path.
-        largest = torch.topk(scores, int(k_eff.max()), dim=-1).values  # [B, max k]
-        kth = largest.gather(-1, (k_eff - 1).clamp(min=0)[:, None])  # [B, 1]
-        remove = (scores < kth) & k_on[:, None]
-        scores = torch.where(remove, neg_inf, scores)
-
-    p_on = top_p < 1.0
-    if bool(p_on.any()):
-        asc, asc_idx = torch.sort(scores, dim=-1, descending=False)
-        cum = asc.softmax(dim=-1).cumsum(dim=-1)
-        limit = (1.0 - top_p.to(torch.float64)).to(torch.float32)[:, None]
-        sorted_remove = cum <= limit
-        sorted_remove[..., -min_tokens_to_keep:] = False
-        remove = sorted_remove.scatter(1, asc_idx, sorted_remove) & p_on[:, None]
-        scores = torch.where(remove, neg_inf, scores)
-
-    m_on = min_p > 0.0
-    if bool(m_on.any()):
-        probs = torch.softmax(scores, dim=-1)
-        top_probs = probs.amax(dim=-1, keepdim=True)
-        remove = probs < min_p.to(torch.float32)[:, None] * top_probs
-        keep_idx = torch.topk(probs, min(min_tokens_to_keep, vocab), dim=-1).indices
-        remove = remove.scatter(-1, keep_idx, False) & m_on[:, None]
-        scores = torch.where(remove, neg_inf, scores)
-    return scores
-
-
-def sample_reference(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    min_p: torch.Tensor,
-    seeds: torch.Tensor,
-    offsets: torch.Tensor,
-    greedy: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort-based filtering (HF's warpers) then the same Philox exponential race."""
-    _check_shapes(logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy)
-    greedy = greedy.to(torch.bool)
-    temp = torch.where(greedy, torch.ones_like(temperature, dtype=torch.float32), temperature.float())
-    filtered = apply_sampling_filters(
-        logits, temp,
-        torch.where(greedy, torch.zeros_like(top_k), top_k),
-        torch.where(greedy, torch.ones_like(top_p), top_p),
-        torch.where(greedy, torch.zeros_like(min_p), min_p),
-    )  # [B, V]
-    row_max = filtered.amax(dim=-1, keepdim=True)  # [B, 1]
-    kept = filtered > float("-inf")  # [B, V]
-    sampled = kept & ~greedy[:, None]
-    rows, cols = sampled.nonzero(as_tuple=True)
-    noise = torch.zeros_like(filtered)  # [B, V]
-    if rows.numel() > 0:
-        word = philox_word_torch(cols, offsets.to(torch.int64)[rows], seeds.to(torch.int64)[rows])
-        noise[rows, cols] = torch.log(exponential_from_word_torch(word))
-    race = (filtered - row_max) - noise
-    score = torch.where(greedy[:, None], filtered, race)
-    score = torch.where(kept, score, float("-inf"))
-    tokens = score.argmax(dim=-1)  # [B]
-    logprobs = torch.log_softmax(filtered, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    return tokens, logprobs
+def greedy_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy rows: argmax (first of ties) and its log_softmax: ids [B] int64, log-probs [B] float32.
+    torch's argmax and logsumexp on every device (one read each, no sampling kernel)."""
+    return greedy_reference(logits)
 
 
 def sample(
@@ -329,10 +263,19 @@ def sample(
     offsets: torch.Tensor,
     greedy: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Filter and sample one token per row: ids [B] int64 and their log-probs [B]
-    float32 under the row's filtered distribution (greedy rows: argmax of the
-    unscaled logits, log_softmax of the unscaled logits). Triton on CUDA, torch
-    otherwise; no host synchronisation on CUDA."""
+    """Filter and sample one token per row: ids [B] int64 and their log-probs [B] float32 under the
+    row's filtered distribution (greedy rows: argmax of the unscaled logits, log_softmax of the
+    unscaled logits). Triton on CUDA, torch otherwise; no host synchronisation on CUDA."""
     if logits.is_cuda:
         return sample_triton(logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy)
     return sample_reference(logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy)
+
+
+__all__ = [
+    "RADIX_BITS",
+    "apply_sampling_filters",
+    "greedy_argmax",
+    "sample",
+    "sample_reference",
+    "sample_triton",
+]

@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from tokenmill.kernels._philox import philox_word_torch
+from tokenmill.kernels._philox import draw_target_torch, philox_word_torch
 from tokenmill.kernels.sampling import (
     apply_sampling_filters,
     sample,
@@ -185,6 +185,83 @@ def test_philox_matches_known_answer():
     # Philox4x32-10 known-answer vectors (Random123 kat_vectors): counter all 0, key all 0.
     word = philox_word_torch(torch.tensor([0]), torch.tensor(0), torch.tensor(0))
     assert word.item() == 0x6627E8D5
+
+
+def test_draw_target_is_the_exact_96_bit_product():
+    gen = torch.Generator().manual_seed(37)
+    total = torch.randint(1, 2**58, (4000,), generator=gen, dtype=torch.int64)
+    total[:3] = torch.tensor([1, 2**58 - 1, 2**38])
+    word = torch.randint(0, 2**32, (4000,), generator=gen, dtype=torch.int64)
+    word[:3] = torch.tensor([2**32 - 1, 2**32 - 1, 0])
+    got = draw_target_torch(total, word).tolist()
+    assert got == [(t * w) >> 32 for t, w in zip(total.tolist(), word.tolist())]
+
+
+def test_kernel_and_cpu_path_pick_the_same_token_on_many_seeds():
+    """The CPU production path (no filter, or top-k only) against the kernel, row by row."""
+    gen = torch.Generator().manual_seed(41)
+    batch, vocab = 64, 300
+    logits = make_logits(batch, vocab, gen)
+    temperature = torch.where(torch.arange(batch) % 2 == 0, torch.ones(batch), torch.full((batch,), 0.6))
+    top_k = torch.where(torch.arange(batch) % 3 == 0, 40, 0).to(torch.int32)
+    params = (
+        temperature, top_k, torch.ones(batch), torch.zeros(batch),
+        torch.randint(-(2**62), 2**62, (batch,), generator=gen, dtype=torch.int64),
+        torch.randint(0, 2**40, (batch,), generator=gen, dtype=torch.int64),
+        torch.zeros(batch, dtype=torch.bool),
+    )
+    assert_triton_matches_reference(logits, params)
+    tokens, _ = sample_reference(logits, *params)
+    assert tokens.unique().numel() > batch // 2  # real draws, not the argmax every time
+
+
+def test_cpu_path_sorts_only_rows_that_use_top_p(monkeypatch):
+    gen = torch.Generator().manual_seed(43)
+    batch, vocab = 6, 400
+    logits = make_logits(batch, vocab, gen)
+    temperature, _, _, _, seeds, offsets, _ = make_params(batch, vocab, gen)
+    no_filter = (torch.zeros(batch, dtype=torch.int32), torch.ones(batch), torch.zeros(batch))
+    top_k_only = (torch.full((batch,), 7, dtype=torch.int32), torch.ones(batch), torch.zeros(batch))
+    greedy = torch.zeros(batch, dtype=torch.bool)
+    expected = {name: sample_reference(logits, temperature, *f, seeds, offsets, greedy)[0]
+                for name, f in (("none", no_filter), ("top_k", top_k_only))}
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("sorted a row that does not use top-p")
+
+    monkeypatch.setattr(torch, "sort", forbidden)
+    assert torch.equal(sample_reference(logits, temperature, *top_k_only, seeds, offsets, greedy)[0],
+                       expected["top_k"])
+    monkeypatch.setattr(torch, "topk", forbidden)
+    assert torch.equal(sample_reference(logits, temperature, *no_filter, seeds, offsets, greedy)[0],
+                       expected["none"])
+
+
+def test_kernel_passes_over_a_row_are_bounded():
+    """Elements read per row / vocab, as the kernel counts them: the pass budget of each row kind."""
+    gen = torch.Generator().manual_seed(47)
+    vocab = 5000  # two blocks
+    kinds = {  # temperature, top_k, top_p, min_p, greedy -> most passes allowed
+        "greedy": ((1.0, 0, 1.0, 0.0, True), 1.0),
+        "pure": ((1.0, 0, 1.0, 0.0, False), 3.0),
+        "min_p": ((0.8, 0, 1.0, 0.1, False), 3.0),
+        "top_k": ((0.8, 50, 1.0, 0.0, False), 3.0 + 8),
+        "top_k_top_p": ((0.8, 50, 0.9, 0.0, False), 3.0 + 16),
+    }
+    batch = len(kinds)
+    logits = make_logits(batch, vocab, gen)
+    columns = list(zip(*(spec for spec, _ in kinds.values())))
+    params = (
+        torch.tensor(columns[0]), torch.tensor(columns[1], dtype=torch.int32), torch.tensor(columns[2]),
+        torch.tensor(columns[3]), torch.arange(batch, dtype=torch.int64), torch.zeros(batch, dtype=torch.int64),
+        torch.tensor(columns[4]),
+    )
+    tokens, _, passes = sample_triton(logits, *params, return_passes=True)
+    assert torch.equal(tokens, sample_reference(logits, *params)[0])
+    for (name, (_, budget)), got in zip(kinds.items(), passes.tolist()):
+        assert got <= budget, f"{name}: {got} passes, budget {budget}"
+    assert passes[0] == 1.0  # a greedy row reads its logits once
+    assert all(got >= 2.0 for got in passes[1:].tolist())
 
 
 def hf_filters(logits, temperature, top_k, top_p, min_p):
