@@ -6,9 +6,9 @@ import torch
 
 from tokenmill.engine.beam_search import BeamSearch
 from tokenmill.engine.block_manager import BlockManager
-from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.detokenizer import IncrementalDetokenizer, make_decoder
 from tokenmill.engine.logits_processors import RowInput
-from tokenmill.engine.output_processor import append_token, request_output
+from tokenmill.engine.output_processor import append_token, request_output, wants_output
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
 from tokenmill.engine.sampler import SampleRow, Sampler, row_seed
 from tokenmill.engine.scheduler import ScheduledBatch
@@ -24,18 +24,22 @@ class StepUpdater:
         self._num_new_tokens = 0
 
     def prepare_group(self, group: SequenceGroup) -> None:
-        """Attach what a new request needs: detokenizers (samples) or a beam search state (beams)."""
-        if group.params.use_beam_search:
-            generator = torch.Generator().manual_seed(group.seed) if group.params.do_sample else None
-            group.beam_search = BeamSearch(
-                group.params, group.prompt_token_ids, group.eos_token_ids, group.max_new_tokens, generator
-            )
+        """Attach what a new request needs: text decoding (samples) or a beam search state (beams)."""
+        p = group.params
+        if p.use_beam_search:
+            generator = torch.Generator().manual_seed(group.seed) if p.do_sample else None
+            group.beam_search = BeamSearch(p, group.prompt_token_ids, group.eos_token_ids, group.max_new_tokens, generator)
+        elif p.detokenize and p.output_kind == "final" and not p.stop:
+            group.decode_text = make_decoder(self.tokenizer, p.skip_special_tokens)  # nobody reads text before the end
         else:
             for seq in group.seqs:
                 self._attach_detokenizer(group, seq)
 
     def _attach_detokenizer(self, group: SequenceGroup, seq: Sequence) -> None:
+        """Incremental text, for streams and stop strings (none when the request wants no text)."""
         p = group.params
+        if not p.detokenize or group.decode_text is not None:
+            return
         seq.detokenizer = IncrementalDetokenizer(
             self.tokenizer,
             group.prompt_token_ids,
@@ -51,51 +55,77 @@ class StepUpdater:
     # ------------------------------------------------------------------ update
     def update(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[RequestOutput]:
         """logits: [num_sampled, vocab], one row per sequence of `batch` that reached its last token."""
-        logits_row: dict[int, int] = {}
-        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            if batch.samples(i):
-                logits_row[seq.seq_id] = len(logits_row)
-            seq.num_computed_tokens += num_new
-            self.block_manager.commit_full_blocks(seq)
-
+        sampled = self._advance(batch)
         rows: list[SampleRow] = []
-        targets: list[tuple[SequenceGroup, Sequence]] = []  # the sequence each row's token goes to
-        beam_groups: list[SequenceGroup] = []
-        for group in batch.groups:
-            sampled = [s for s in group.seqs if s.seq_id in logits_row]
-            if not sampled:
-                continue
+        targets: list[Sequence] = []  # the sequence each row's token goes to
+        beam_groups: dict[str, SequenceGroup] = {}
+        for seq in sampled:
+            group = seq.group
             if group.beam_search is not None:
-                beam_groups.append(group)
+                beam_groups[group.request_id] = group
                 continue
-            for seq in sampled:
-                draws = [seq]
-                if not group.has_forked:  # n samples share the prompt's blocks from here on
-                    for k in range(1, group.params.num_return_sequences):
-                        draws.append(self._fork(group, seq, group.new_seq(list(seq.token_ids), index=k)))
-                    group.has_forked = True
-                for target in draws:
-                    row = RowInput(group.params, target.token_ids, target.num_prompt_tokens, group.eos_token_ids)
-                    seed = row_seed(group.seed, target.index)
-                    rows.append(SampleRow(row, logits_row[seq.seq_id], seed, target.num_tokens))
-                    targets.append((group, target))
+            if not group.has_forked:  # n samples share the prompt's blocks from here on
+                draws = [seq] + [
+                    self._fork(group, seq, group.new_seq(list(seq.token_ids), index=k))
+                    for k in range(1, group.params.num_return_sequences)
+                ]
+                group.has_forked = True
+            else:
+                draws = (seq,)
+            for target in draws:
+                rows.append(self._sample_row(target, seq.logits_row))
+                targets.append(target)
 
         progressed: dict[str, SequenceGroup] = {}  # by request id, in batch order
         if rows:
             out = self.sampler(logits, rows)
-            for (group, seq), tok, lp, top in zip(targets, out.token_ids, out.logprobs, out.top_logprobs):
-                append_token(group, seq, tok, lp, top, self.max_model_len)
+            finished: list[SequenceGroup] = []
+            max_model_len = self.max_model_len
+            for seq, tok, lp, top in zip(targets, out.token_ids, out.logprobs, out.top_logprobs):
+                group = seq.group
+                if append_token(group, seq, tok, lp, top, max_model_len):
+                    finished.append(group)
                 progressed[group.request_id] = group
             self._num_new_tokens += len(rows)
-            for group in progressed.values():
+            for group in finished:
                 self._retire_finished(group)
 
-        for group in beam_groups:
-            self._beam_step(group, logits, logits_row)
+        for group in beam_groups.values():
+            self._beam_step(group, logits)
             if group.is_finished:  # beams report once, at the end
                 progressed[group.request_id] = group
 
-        return [request_output(g, finished=g.is_finished) for g in progressed.values()]
+        return [request_output(g, finished=g.is_finished) for g in progressed.values() if wants_output(g)]
+
+    def _advance(self, batch: ScheduledBatch) -> list[Sequence]:
+        """Count the step's tokens as computed and commit blocks that filled; returns the sequences that
+        reached their last token, each with its logits row set."""
+        bm = self.block_manager
+        caching = bm.enable_prefix_caching
+        block_size = bm.block_size
+        sampled: list[Sequence] = []
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            computed = seq.num_computed_tokens + num_new
+            seq.num_computed_tokens = computed
+            if computed == len(seq.token_ids):
+                seq.logits_row = len(sampled)
+                sampled.append(seq)
+            if caching and computed // block_size > seq.num_hashed_blocks:
+                bm.commit_full_blocks(seq)
+        return sampled
+
+    @staticmethod
+    def _sample_row(seq: Sequence, logits_index: int) -> SampleRow:
+        """The sequence's sampler row, built once: its history is `seq.token_ids` itself."""
+        row = seq.sample_row
+        if row is None:
+            group = seq.group
+            history = RowInput(group.params, seq.token_ids, seq.num_prompt_tokens, group.eos_token_ids)
+            row = seq.sample_row = SampleRow(history, logits_index, row_seed(group.seed, seq.index), seq.num_tokens)
+        else:
+            row.logits_index = logits_index
+            row.offset = len(seq.token_ids)
+        return row
 
     def _fork(self, group: SequenceGroup, parent: Sequence, child: Sequence) -> Sequence:
         self.block_manager.fork(parent, child)
@@ -104,15 +134,15 @@ class StepUpdater:
         return child
 
     def _retire_finished(self, group: SequenceGroup) -> None:
-        for seq in [s for s in group.seqs if s.is_finished]:
+        for seq in [s for s in group.seqs if s.finish_reason is not None]:
             self.block_manager.free(seq)
             group.seqs.remove(seq)
             group.finished_seqs.append(seq)
 
     # ------------------------------------------------------------------ beams
-    def _beam_step(self, group: SequenceGroup, logits: torch.Tensor, logits_row: dict[int, int]) -> None:
+    def _beam_step(self, group: SequenceGroup, logits: torch.Tensor) -> None:
         live = group.seqs
-        index = torch.tensor([logits_row[s.seq_id] for s in live], device=logits.device)
+        index = torch.tensor([s.logits_row for s in live], device=logits.device)
         step = group.beam_search.step(logits.index_select(0, index))  # [num_live, vocab]
         if step.done:
             self._finish_beams(group)
@@ -140,10 +170,11 @@ class StepUpdater:
     def _finish_beams(self, group: SequenceGroup) -> None:
         hyps = group.beam_search.finalize()
         skip = group.params.skip_special_tokens
+        detokenize = group.params.detokenize
         group.final_outputs = [
             CompletionOutput(
                 index=i,
-                text=self.tokenizer.decode(h.token_ids, skip_special_tokens=skip),
+                text=self.tokenizer.decode(h.token_ids, skip_special_tokens=skip) if detokenize else "",
                 token_ids=list(h.token_ids),
                 cumulative_logprob=h.cumulative_logprob,
                 finish_reason="stop" if h.token_ids and h.token_ids[-1] in group.eos_token_ids else "length",
