@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.config import SchedulerConfig
 from tokenmill.engine.sequence import Sequence, SequenceGroup
@@ -19,6 +21,7 @@ class ScheduledBatch:
     groups: list[SequenceGroup] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) copy-on-write before the run
     num_preempted: int = 0
+    overlapped: bool = False  # scheduled before the previous step's tokens were applied (async scheduling)
 
     @property
     def num_tokens(self) -> int:
@@ -27,6 +30,30 @@ class ScheduledBatch:
     @property
     def is_empty(self) -> bool:
         return not self.seqs
+
+    def fill_pending_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Overlapped steps: a sequence whose last token is still a placeholder takes its input id from
+        the previous step's sampled-id tensor, on the device, with no host sync.
+
+        input_ids: [num_tokens] int64, this batch's tokens in order (each sequence's new tokens in a run).
+        """
+        if not self.overlapped:
+            return
+        dst: list[int] = []  # flat positions of placeholders
+        src: list[int] = []  # their rows of the sampled-id tensor
+        sampled_ids = None
+        pos = 0
+        for seq, num_new in zip(self.seqs, self.num_new_tokens):
+            pos += num_new
+            if seq.pending_ids is not None:
+                sampled_ids = seq.pending_ids  # one tensor per step: every pending row points at it
+                dst.append(pos - 1)
+                src.append(seq.pending_row)
+        if dst:
+            index = torch.tensor(src, dtype=torch.int64, device=sampled_ids.device)
+            input_ids[torch.tensor(dst, dtype=torch.int64, device=input_ids.device)] = sampled_ids[index].to(
+                input_ids.device
+            )
 
     def samples(self, i: int) -> bool:
         """Whether sequence i reaches its last token this step (so its logits are needed)."""
@@ -61,6 +88,7 @@ class Scheduler:
 
     def remove(self, group: SequenceGroup) -> None:
         """Take a request out of the queues and free all its blocks (finish or abort)."""
+        group.released = True
         try:
             self.running.remove(group)  # one C-level identity scan; finished requests are mostly running
         except ValueError:
@@ -75,7 +103,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ scheduling
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
+        batch = ScheduledBatch(overlapped=self.config.async_scheduling)
         budget = self.config.max_num_batched_tokens
         num_seqs = 0
 

@@ -8,9 +8,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from tokenmill.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    import torch
+
     from tokenmill.engine.beam_search import BeamSearch
     from tokenmill.engine.detokenizer import IncrementalDetokenizer
     from tokenmill.engine.sampler import SampleRow
+
+# Stands for a sampled token that is not applied yet (overlapped steps); never a real token id.
+PLACEHOLDER_TOKEN_ID = -1
 
 
 @dataclass(eq=False)  # compared by identity: a sequence is one stream, whatever it holds
@@ -42,6 +47,9 @@ class Sequence:
     # The sampler's row for this sequence, built at its first draw and reused: the row's history is
     # this sequence's own token_ids list, so only the logits index and the Philox offset change per step.
     sample_row: SampleRow | None = None
+    # Overlapped steps: the sampled-id tensor holding this sequence's pending token, and its row there.
+    pending_ids: torch.Tensor | None = None
+    pending_row: int = -1
     num_sent_tokens: int = 0  # output tokens handed out in "delta" outputs
     finish_sent: bool = False  # its finish reason has been handed out ("delta" outputs)
 
@@ -108,6 +116,7 @@ class SequenceGroup:
         self.beam_search: BeamSearch | None = None
         self.final_outputs: list[Any] | None = None  # beam hypotheses once done
         self.error: str | None = None
+        self.released = False  # taken out of the scheduler (finished or aborted): pending work is void
 
     def new_seq(self, token_ids: list[int], index: int) -> Sequence:
         return Sequence(

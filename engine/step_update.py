@@ -1,4 +1,10 @@
-"""Scheduler.update's half of a step: turn logits into tokens and move every request forward."""
+"""Scheduler.update's half of a step: turn logits into tokens and move every request forward.
+
+A sampled token first lands as a placeholder at the end of its sequence and is applied (appended,
+stop-checked, reported) after the draw: at once in a synchronous step, or at the start of the next
+update when steps overlap (the next step is scheduled and run meanwhile, its input id for that
+sequence taken from the sampled-id tensor by `fill_pending_input_ids`).
+"""
 
 from __future__ import annotations
 
@@ -10,18 +16,23 @@ from tokenmill.engine.detokenizer import IncrementalDetokenizer, make_decoder
 from tokenmill.engine.logits_processors import RowInput
 from tokenmill.engine.output_processor import append_token, request_output, wants_output
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
-from tokenmill.engine.sampler import SampleRow, Sampler, row_seed
+from tokenmill.engine.sampler import SampleRow, Sampler, SamplerOutput, row_seed
 from tokenmill.engine.scheduler import ScheduledBatch
-from tokenmill.engine.sequence import Sequence, SequenceGroup
+from tokenmill.engine.sequence import PLACEHOLDER_TOKEN_ID, Sequence, SequenceGroup
 
 
 class StepUpdater:
-    def __init__(self, block_manager: BlockManager, tokenizer, max_model_len: int) -> None:
+    def __init__(
+        self, block_manager: BlockManager, tokenizer, max_model_len: int, *, async_scheduling: bool = False
+    ) -> None:
         self.block_manager = block_manager
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.async_scheduling = async_scheduling
         self.sampler = Sampler()
         self._num_new_tokens = 0
+        # Sampled tokens not applied yet: (the sequence of each row, the sampler's output).
+        self._in_flight: tuple[list[Sequence], SamplerOutput] | None = None
 
     def prepare_group(self, group: SequenceGroup) -> None:
         """Attach what a new request needs: text decoding (samples) or a beam search state (beams)."""
@@ -53,9 +64,48 @@ class StepUpdater:
         return n
 
     # ------------------------------------------------------------------ update
-    def update(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[RequestOutput]:
-        """logits: [num_sampled, vocab], one row per sequence of `batch` that reached its last token."""
+    @property
+    def has_in_flight(self) -> bool:
+        """Whether sampled tokens wait to be applied (overlapped steps)."""
+        return self._in_flight is not None
+
+    def drop_in_flight(self) -> list[SequenceGroup]:
+        """Forget the sampled tokens not applied yet (a failed step); returns their requests, to be failed."""
+        if self._in_flight is None:
+            return []
+        targets, _ = self._in_flight
+        self._in_flight = None
+        groups: dict[int, SequenceGroup] = {}
+        for seq in targets:
+            seq.pending_ids, seq.pending_row = None, -1
+            if seq.token_ids and seq.token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+                seq.token_ids.pop()
+            groups.setdefault(id(seq.group), seq.group)
+        return list(groups.values())
+
+    def update(self, batch: ScheduledBatch, logits: torch.Tensor | None) -> list[RequestOutput]:
+        """logits: [num_sampled, vocab], one row per sequence of `batch` that reached its last token.
+
+        Synchronous: this step's tokens are sampled and applied. Overlapped (async_scheduling): first
+        the previous step's sampled tokens are applied (appends, stop checks, outputs), so the
+        history is complete before this step's tokens are sampled; those are applied next step.
+        """
+        progressed: dict[str, SequenceGroup] = {}  # by request id, in batch order
+        if self._in_flight is not None:
+            self._apply_in_flight(progressed)
         sampled = self._advance(batch)
+        beam_groups = self._sample(sampled, logits)
+        if not self.async_scheduling:
+            self._apply_in_flight(progressed)
+        for group in beam_groups:
+            self._beam_step(group, logits)  # beams need the host between steps: always synchronous
+            if group.is_finished:  # beams report once, at the end
+                progressed[group.request_id] = group
+        return [request_output(g, finished=g.is_finished) for g in progressed.values() if wants_output(g)]
+
+    def _sample(self, sampled: list[Sequence], logits: torch.Tensor | None) -> list[SequenceGroup]:
+        """Draw the next token of every sampled non-beam sequence; each gets a placeholder token until
+        its draw is applied. Returns the beam requests to step."""
         rows: list[SampleRow] = []
         targets: list[Sequence] = []  # the sequence each row's token goes to
         beam_groups: dict[str, SequenceGroup] = {}
@@ -75,27 +125,41 @@ class StepUpdater:
             for target in draws:
                 rows.append(self._sample_row(target, seq.logits_row))
                 targets.append(target)
-
-        progressed: dict[str, SequenceGroup] = {}  # by request id, in batch order
         if rows:
             out = self.sampler(logits, rows)
-            finished: list[SequenceGroup] = []
-            max_model_len = self.max_model_len
-            for seq, tok, lp, top in zip(targets, out.token_ids, out.logprobs, out.top_logprobs):
-                group = seq.group
-                if append_token(group, seq, tok, lp, top, max_model_len):
-                    finished.append(group)
-                progressed[group.request_id] = group
-            self._num_new_tokens += len(rows)
-            for group in finished:
-                self._retire_finished(group)
+            # The next step's input ids for these sequences come from this tensor (ModelRunner's fill).
+            sampled_ids = (
+                torch.tensor(out.token_ids, dtype=torch.int64, device=logits.device) if self.async_scheduling else None
+            )  # [num_rows]
+            for row, seq in enumerate(targets):
+                seq.token_ids.append(PLACEHOLDER_TOKEN_ID)
+                seq.pending_ids, seq.pending_row = sampled_ids, row
+            self._in_flight = (targets, out)
+        return list(beam_groups.values())
 
-        for group in beam_groups.values():
-            self._beam_step(group, logits)
-            if group.is_finished:  # beams report once, at the end
-                progressed[group.request_id] = group
-
-        return [request_output(g, finished=g.is_finished) for g in progressed.values() if wants_output(g)]
+    def _apply_in_flight(self, progressed: dict[str, SequenceGroup]) -> None:
+        """Replace each placeholder by its sampled token: append, stop checks, finished samples retired.
+        Requests aborted meanwhile are skipped (their blocks are already free)."""
+        if self._in_flight is None:
+            return
+        targets, out = self._in_flight
+        self._in_flight = None
+        finished: list[SequenceGroup] = []
+        max_model_len = self.max_model_len
+        num_applied = 0
+        for seq, tok, lp, top in zip(targets, out.token_ids, out.logprobs, out.top_logprobs):
+            seq.pending_ids, seq.pending_row = None, -1
+            group = seq.group
+            if group.released:
+                continue
+            seq.token_ids.pop()  # the placeholder
+            if append_token(group, seq, tok, lp, top, max_model_len):
+                finished.append(group)
+            progressed[group.request_id] = group
+            num_applied += 1
+        self._num_new_tokens += num_applied
+        for group in finished:
+            self._retire_finished(group)
 
     def _advance(self, batch: ScheduledBatch) -> list[Sequence]:
         """Count the step's tokens as computed and commit blocks that filled; returns the sequences that
@@ -105,6 +169,8 @@ class StepUpdater:
         block_size = bm.block_size
         sampled: list[Sequence] = []
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            if seq.finish_reason is not None:
+                continue  # finished by the token applied just before (overlap): this step's work is void
             computed = seq.num_computed_tokens + num_new
             seq.num_computed_tokens = computed
             if computed == len(seq.token_ids):
