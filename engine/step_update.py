@@ -90,18 +90,16 @@ class StepUpdater:
         the previous step's sampled tokens are applied (appends, stop checks, outputs), so the
         history is complete before this step's tokens are sampled; those are applied next step.
         """
-        progressed: dict[str, SequenceGroup] = {}  # by request id, in batch order
-        if self._in_flight is not None:
-            self._apply_in_flight(progressed)
+        outputs = self._apply_in_flight()  # overlapped: the previous step's tokens (before new placeholders)
         sampled = self._advance(batch)
         beam_groups = self._sample(sampled, logits)
         if not self.async_scheduling:
-            self._apply_in_flight(progressed)
+            outputs = self._apply_in_flight()
         for group in beam_groups:
             self._beam_step(group, logits)  # beams need the host between steps: always synchronous
             if group.is_finished:  # beams report once, at the end
-                progressed[group.request_id] = group
-        return [request_output(g, finished=g.is_finished) for g in progressed.values() if wants_output(g)]
+                outputs.append(request_output(group, finished=True))
+        return outputs
 
     def _sample(self, sampled: list[Sequence], logits: torch.Tensor | None) -> list[SequenceGroup]:
         """Draw the next token of every sampled non-beam sequence; each gets a placeholder token until
@@ -137,13 +135,15 @@ class StepUpdater:
             self._in_flight = (targets, out)
         return list(beam_groups.values())
 
-    def _apply_in_flight(self, progressed: dict[str, SequenceGroup]) -> None:
-        """Replace each placeholder by its sampled token: append, stop checks, finished samples retired.
-        Requests aborted meanwhile are skipped (their blocks are already free)."""
+    def _apply_in_flight(self) -> list[RequestOutput]:
+        """Replace each placeholder by its sampled token: append, stop checks, finished samples retired;
+        returns the outputs of the requests that moved. Requests aborted meanwhile are skipped (their
+        blocks are already free)."""
         if self._in_flight is None:
-            return
+            return []
         targets, out = self._in_flight
         self._in_flight = None
+        progressed: dict[str, SequenceGroup] = {}  # by request id, in batch order
         finished: list[SequenceGroup] = []
         max_model_len = self.max_model_len
         num_applied = 0
@@ -160,6 +160,7 @@ class StepUpdater:
         self._num_new_tokens += num_applied
         for group in finished:
             self._retire_finished(group)
+        return [request_output(g, finished=g.is_finished) for g in progressed.values() if wants_output(g)]
 
     def _advance(self, batch: ScheduledBatch) -> list[Sequence]:
         """Count the step's tokens as computed and commit blocks that filled; returns the sequences that
@@ -168,14 +169,17 @@ class StepUpdater:
         caching = bm.enable_prefix_caching
         block_size = bm.block_size
         sampled: list[Sequence] = []
+        num_rows = 0  # rows of the step's logits: one per sequence that reached its last token
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            computed = seq.num_computed_tokens + num_new
+            if computed == len(seq.token_ids):
+                if seq.finish_reason is None:
+                    seq.logits_row = num_rows
+                    sampled.append(seq)
+                num_rows += 1
             if seq.finish_reason is not None:
                 continue  # finished by the token applied just before (overlap): this step's work is void
-            computed = seq.num_computed_tokens + num_new
             seq.num_computed_tokens = computed
-            if computed == len(seq.token_ids):
-                seq.logits_row = len(sampled)
-                sampled.append(seq)
             if caching and computed // block_size > seq.num_hashed_blocks:
                 bm.commit_full_blocks(seq)
         return sampled
