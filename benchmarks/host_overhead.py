@@ -93,6 +93,7 @@ def run_kind(loaded: LoadedModel, args, kind: str | None, detokenize: bool, prof
     engine = LLMEngine.from_args(
         loaded=loaded, max_num_seqs=args.num_seqs, max_num_batched_tokens=max(2048, args.num_seqs * args.prompt_len),
         num_kv_blocks=args.num_seqs * (-(-(args.prompt_len + args.max_tokens) // 16)) + 16, max_model_len=1024,
+        **({"async_scheduling": True} if args.async_scheduling else {}),
     )
     timer = PhaseTimer(engine)
     extra = {} if kind is None else {"output_kind": kind, "detokenize": detokenize}
@@ -139,6 +140,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--kinds", default="cumulative,delta,delta-nodetok,final",
                    help="output kinds to run; 'legacy' = SamplingParams without output_kind/detokenize")
+    p.add_argument("--async-scheduling", action="store_true", help="overlapped steps (same work on the CPU)")
     p.add_argument("--profile", type=int, default=0, help="cProfile the first N timed steps of each kind")
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args()
@@ -146,7 +148,8 @@ def main() -> None:
         p.error("--max-tokens must exceed --warmup + --steps")
     torch.set_num_threads(1)
     loaded = tiny_loaded()
-    print(f"{args.num_seqs} running decodes, prompt {args.prompt_len}, {args.steps} timed steps; CPU ms per step "
+    print(f"{args.num_seqs} running decodes, prompt {args.prompt_len}, {args.steps} timed steps"
+          f"{', async scheduling' if args.async_scheduling else ''}; CPU ms per step "
           "(wall: wall-clock ms per step)")
     header = f"{'kind':<16}{'schedule':>9}{'update':>9}{'host':>9}{'sample':>9}{'run':>9}{'cpu step':>9}{'wall':>9}"
     print(header)

@@ -75,19 +75,20 @@ def completion_output(seq: Sequence, group: SequenceGroup, finished: bool) -> Co
 
 def delta_output(seq: Sequence, group: SequenceGroup, finished: bool) -> CompletionOutput | None:
     """What is new in `seq` since its previous delta; None when nothing is."""
-    start = seq.num_prompt_tokens + seq.num_sent_tokens
-    new_ids = seq.token_ids[start:]
-    newly_finished = seq.is_finished and not seq.finish_sent
-    if not new_ids and not newly_finished:
+    token_ids = seq.token_ids
+    num_prompt = seq.num_prompt_tokens
+    start = num_prompt + seq.num_sent_tokens
+    done = seq.finish_reason is not None
+    if start == len(token_ids) and (not done or seq.finish_sent):
         return None
-    seq.num_sent_tokens += len(new_ids)
-    seq.finish_sent = seq.is_finished
+    seq.num_sent_tokens = len(token_ids) - num_prompt
+    seq.finish_sent = done
     return CompletionOutput(
         index=seq.index,
-        text=_text(seq, group, finished or seq.is_finished),
-        token_ids=new_ids,
+        text=_text(seq, group, finished or done),
+        token_ids=token_ids[start:],
         cumulative_logprob=seq.cumulative_logprob,
-        logprobs=seq.logprobs[start - seq.num_prompt_tokens :] if group.params.logprobs is not None else None,
+        logprobs=seq.logprobs[start - num_prompt :] if group.params.logprobs is not None else None,
         finish_reason=seq.finish_reason,
         stop_reason=seq.stop_reason,
     )
@@ -97,7 +98,11 @@ def request_output(group: SequenceGroup, finished: bool) -> RequestOutput:
     if group.final_outputs is not None:
         outputs = group.final_outputs
     elif group.output_kind == "delta":
-        outputs = [o for o in (delta_output(s, group, finished) for s in group.all_seqs()) if o is not None]
+        outputs = []
+        for seq in group.all_seqs():
+            out = delta_output(seq, group, finished)
+            if out is not None:
+                outputs.append(out)
     else:
         outputs = [completion_output(s, group, finished) for s in group.all_seqs()]
     return RequestOutput(
