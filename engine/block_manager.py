@@ -68,6 +68,15 @@ class BlockManager:
     # ------------------------------------------------------------------ allocation
     def num_blocks_needed(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> int:
         """Free blocks that allocate(seq, num_new_tokens, cached_blocks) would use up."""
+        if not cached_blocks:  # the per-step case (decodes, prefill chunks): a few integer operations
+            bs = self.block_size
+            computed = seq.num_computed_tokens
+            needed = -(-(computed + num_new_tokens) // bs) - len(seq.block_table)
+            if needed < 0:
+                needed = 0
+            if computed % bs and self._needs_copy_on_write(seq):
+                needed += 1
+            return needed
         total = self.num_blocks_for(seq.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens)
         needed = max(0, total - len(seq.block_table) - len(cached_blocks))
         if self._needs_copy_on_write(seq):
@@ -97,7 +106,7 @@ class BlockManager:
             seq.num_hashed_blocks = len(seq.block_hashes)
             seq.num_computed_tokens = len(cached_blocks) * self.block_size
             self.num_cache_hits += len(cached_blocks)
-        if self._needs_copy_on_write(seq):
+        if seq.num_computed_tokens % self.block_size and self._needs_copy_on_write(seq):
             idx = seq.num_computed_tokens // self.block_size
             src = seq.block_table[idx]
             dst = self._pop_free()

@@ -31,6 +31,8 @@ class SchedulerConfig:
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
     max_waiting_requests: int | None = None  # bound on the waiting queue (None: unbounded)
+    # Overlapped steps: schedule and run step N+1 before applying step N's sampled tokens (README).
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):

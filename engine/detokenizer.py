@@ -19,7 +19,7 @@ ignored by transformers for BPE tokenizers).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 REPLACEMENT_CHAR = "\ufffd"  # what decoding an incomplete UTF-8 sequence yields
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback token
@@ -41,7 +41,8 @@ class IncrementalDetokenizer:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop={stop!r} is invalid: allowed a tuple of non-empty strings")
         self.tokenizer = tokenizer
-        self._id_to_piece = getattr(tokenizer, "convert_ids_to_tokens", None)
+        self._decode_ids = make_decoder(tokenizer, skip_special_tokens)
+        self._id_to_piece = _id_to_piece_function(tokenizer)
         self._skipped_ids = _special_token_ids(tokenizer) if skip_special_tokens else frozenset()
         self.prompt_token_ids = prompt_token_ids  # kept for reference; the output is decoded on its own
         self.skip_special_tokens = skip_special_tokens
@@ -60,9 +61,7 @@ class IncrementalDetokenizer:
     # -- decoding -------------------------------------------------------------------------------
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(
-            ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
-        )
+        return self._decode_ids(ids)
 
     def append(self, token_id: int) -> str | None:
         """Add one generated token; returns the stop string if the text now contains one, else None."""
@@ -142,6 +141,48 @@ class IncrementalDetokenizer:
         delta = text[self._num_sent_chars : end]
         self._num_sent_chars = end
         return delta
+
+
+def make_decoder(tokenizer: Any, skip_special_tokens: bool) -> Callable[[list[int]], str]:
+    """`ids -> tokenizer.decode(ids, skip_special_tokens=..., clean_up_tokenization_spaces=False)`.
+
+    For a tokenizer that uses transformers' own decode over a Rust `tokenizers` backend, the backend is
+    called directly: the same text without the wrapper's per-call argument checks (which cost far more
+    than the decode itself for the short windows decoded per token).
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and _uses_stock_decode(tokenizer) and hasattr(backend, "decode"):
+        def decode_backend(ids: list[int]) -> str:
+            return backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+        return decode_backend
+
+    def decode_wrapper(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+
+    return decode_wrapper
+
+
+def _uses_stock_decode(tokenizer: Any) -> bool:
+    """Whether decode/_decode are transformers' fast-tokenizer ones (no subclass adds its own steps)."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return False
+    cls = type(tokenizer)
+    return (
+        isinstance(tokenizer, TokenizersBackend)
+        and cls.decode is PreTrainedTokenizerBase.decode
+        and cls._decode is TokenizersBackend._decode
+    )
+
+
+def _id_to_piece_function(tokenizer: Any) -> Callable[[int], Any] | None:
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and _uses_stock_decode(tokenizer) and hasattr(backend, "id_to_token"):
+        return backend.id_to_token
+    return getattr(tokenizer, "convert_ids_to_tokens", None)
 
 
 def _special_token_ids(tokenizer: Any) -> frozenset[int]:

@@ -48,6 +48,13 @@ class LLM:
                 raise ValueError(
                     f"sampling_params has {len(params_list)} entries: allowed one, or one per prompt ({len(prompt_list)})"
                 )
+        # Only the final outputs are read: the engine builds one output per request, at its end, and
+        # decodes the text once then (unless stop strings need it earlier).
+        finals: dict[int, SamplingParams] = {}
+        for p in params_list:
+            if id(p) not in finals:
+                finals[id(p)] = _final(p)
+        params_list = [finals[id(p)] for p in params_list]
         engine = self.llm_engine
         ids = [f"llm-{next(self._request_counter)}" for _ in prompt_list]
         try:
@@ -93,3 +100,9 @@ class LLM:
             if not isinstance(p, (str, list)):
                 raise ValueError(f"prompts[{i}] is a {type(p).__name__}: allowed a string or a list of token ids")
         return prompts
+
+
+def _final(params: SamplingParams) -> SamplingParams:
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params holds a {type(params).__name__}: allowed SamplingParams")
+    return params if params.output_kind == "final" else params.replace(output_kind="final")

@@ -83,7 +83,9 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=config.cache.block_size)
-        self.updater = StepUpdater(self.block_manager, self.tokenizer, self.max_model_len)
+        self.updater = StepUpdater(
+            self.block_manager, self.tokenizer, self.max_model_len, async_scheduling=self.scheduler_config.async_scheduling
+        )
         capacity = num_blocks * config.cache.block_size
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len=%d: %.2fx",
@@ -113,6 +115,7 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         max_waiting_requests: int | None = None,
+        async_scheduling: bool = False,
         kv_cache_memory_bytes: int = 512 * 1024**2,
         gpu_memory_utilization: float = 0.85,
         dtype: str = "auto",
@@ -138,6 +141,7 @@ class LLMEngine:
                 max_model_len=max_model_len or max_num_batched_tokens,
                 enable_chunked_prefill=enable_chunked_prefill,
                 max_waiting_requests=max_waiting_requests,
+                async_scheduling=async_scheduling,
             ),
         )
         return cls(config, loaded)
@@ -284,10 +288,10 @@ class LLMEngine:
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
-        if batch.is_empty:
+        if batch.is_empty and not self.updater.has_in_flight:
             return []
         try:
-            logits = self.runner.run(batch)
+            logits = None if batch.is_empty else self.runner.run(batch)
             outputs = self.updater.update(batch, logits)
         except Exception as exc:  # a fault inside the model or sampler fails this batch only
             logger.exception("engine step failed")
@@ -301,8 +305,14 @@ class LLMEngine:
         return outputs
 
     def _fail(self, batch: ScheduledBatch, exc: Exception) -> list[RequestOutput]:
+        """Fail the batch's requests, and with overlapped steps those whose tokens were in flight."""
+        groups = {id(g): g for g in batch.groups}
+        for group in self.updater.drop_in_flight():
+            groups.setdefault(id(group), group)
         outputs = []
-        for group in batch.groups:
+        for group in groups.values():
+            if group.released:
+                continue
             group.error = f"{type(exc).__name__}: {exc}"
             for seq in group.seqs:
                 seq.finish_reason = "error"

@@ -71,6 +71,7 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev).unsqueeze(0)  # [1, num_tokens]
+        batch.fill_pending_input_ids(ids[0])  # overlapped steps: placeholders take the last sampled ids
         pos = torch.tensor(positions, dtype=torch.int64, device=dev).unsqueeze(0)  # [1, num_tokens]
         keep = torch.tensor(logits_indices, dtype=torch.int64, device=dev)  # [num_sampled]
         return ids, pos, ctx, keep

@@ -1,4 +1,12 @@
-"""After a step: append tokens, check stop conditions, build RequestOutputs."""
+"""After a step: append tokens, check stop conditions, build RequestOutputs for who reads them.
+
+A request's `SamplingParams.output_kind` says what its outputs hold:
+
+- "cumulative": every step, all tokens and text so far (the default);
+- "delta": every step, only the tokens (and text) new since its previous output; sequences with
+  nothing new are left out;
+- "final": one output, when the request finishes; its text is decoded once, then.
+"""
 
 from __future__ import annotations
 
@@ -13,28 +21,47 @@ def append_token(
     logprob: float,
     top_logprobs: dict[int, float] | None,
     max_model_len: int,
-) -> None:
-    """Add one generated token to `seq` and set its finish reason if it ends here."""
-    seq.token_ids.append(token_id)
+) -> bool:
+    """Add one generated token to `seq`; sets its finish reason and returns True if it ends here."""
+    token_ids = seq.token_ids
+    token_ids.append(token_id)
     seq.cumulative_logprob += logprob
     if top_logprobs is not None:
         seq.logprobs.append(top_logprobs)
-    params = group.params
-    stop_str = seq.detokenizer.append(token_id) if seq.detokenizer is not None else None
-    if stop_str is not None:
-        seq.finish_reason, seq.stop_reason = "stop", stop_str
-    elif seq.num_output_tokens >= group.min_new_tokens and (
-        token_id in group.eos_token_ids or token_id in params.stop_token_ids
-    ):
+    det = seq.detokenizer
+    if det is not None:
+        stop_str = det.append(token_id)
+        if stop_str is not None:
+            seq.finish_reason, seq.stop_reason = "stop", stop_str
+            return True
+    num_output = len(token_ids) - seq.num_prompt_tokens
+    if token_id in group.stop_token_ids and num_output >= group.min_new_tokens:
         seq.finish_reason, seq.stop_reason = "stop", token_id
-    elif seq.num_output_tokens >= group.max_new_tokens or seq.num_tokens >= max_model_len:
+        return True
+    if num_output >= group.max_new_tokens or len(token_ids) >= max_model_len:
         seq.finish_reason = "length"
+        return True
+    return False
+
+
+def wants_output(group: SequenceGroup) -> bool:
+    """Whether a request that moved this step gets an output now ("final": only once it is done)."""
+    return group.output_kind != "final" or group.is_finished
+
+
+def _text(seq: Sequence, group: SequenceGroup, done: bool) -> str:
+    """Text not handed out yet (held back near a possible stop string unless done)."""
+    det = seq.detokenizer
+    if det is not None:
+        return det.take_delta(done)
+    if group.decode_text is not None and done:
+        return group.decode_text(seq.output_token_ids)
+    return ""
 
 
 def completion_output(seq: Sequence, group: SequenceGroup, finished: bool) -> CompletionOutput:
-    det = seq.detokenizer
-    if det is not None:
-        seq.streamed_text += det.take_delta(finished or seq.is_finished)
+    done = finished or seq.is_finished
+    seq.streamed_text += _text(seq, group, done)
     return CompletionOutput(
         index=seq.index,
         text=seq.streamed_text,
@@ -46,9 +73,36 @@ def completion_output(seq: Sequence, group: SequenceGroup, finished: bool) -> Co
     )
 
 
+def delta_output(seq: Sequence, group: SequenceGroup, finished: bool) -> CompletionOutput | None:
+    """What is new in `seq` since its previous delta; None when nothing is."""
+    token_ids = seq.token_ids
+    num_prompt = seq.num_prompt_tokens
+    start = num_prompt + seq.num_sent_tokens
+    done = seq.finish_reason is not None
+    if start == len(token_ids) and (not done or seq.finish_sent):
+        return None
+    seq.num_sent_tokens = len(token_ids) - num_prompt
+    seq.finish_sent = done
+    return CompletionOutput(
+        index=seq.index,
+        text=_text(seq, group, finished or done),
+        token_ids=token_ids[start:],
+        cumulative_logprob=seq.cumulative_logprob,
+        logprobs=seq.logprobs[start - num_prompt :] if group.params.logprobs is not None else None,
+        finish_reason=seq.finish_reason,
+        stop_reason=seq.stop_reason,
+    )
+
+
 def request_output(group: SequenceGroup, finished: bool) -> RequestOutput:
     if group.final_outputs is not None:
         outputs = group.final_outputs
+    elif group.output_kind == "delta":
+        outputs = []
+        for seq in group.all_seqs():
+            out = delta_output(seq, group, finished)
+            if out is not None:
+                outputs.append(out)
     else:
         outputs = [completion_output(s, group, finished) for s in group.all_seqs()]
     return RequestOutput(

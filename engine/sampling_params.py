@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 EarlyStopping = Union[bool, str]
+OUTPUT_KINDS = ("cumulative", "delta", "final")
 
 
 def _is_int(v: Any) -> bool:
@@ -69,6 +70,11 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # What each step's RequestOutput holds (vLLM's RequestOutputKind): "cumulative" everything so far,
+    # "delta" only what is new since the last output, "final" one output when the request finishes.
+    output_kind: str = "cumulative"
+    # False: no text and no stop-string checks in the engine (a front end that detokenizes does both).
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         # Normalise list-like inputs into hashable tuples (the object stays frozen), checking their
@@ -180,6 +186,10 @@ class SamplingParams:
             raise _bad("seed", self.seed, "an integer in [0, 2**63) or None")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise _bad("logprobs", self.logprobs, "an integer in [0, 20] or None")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise _bad("output_kind", self.output_kind, ", ".join(map(repr, OUTPUT_KINDS)))
+        if not isinstance(self.detokenize, bool):
+            raise _bad("detokenize", self.detokenize, "True or False")
         if self.num_return_sequences > 1 and not self.do_sample and self.num_beams == 1:
             raise _bad(
                 "num_return_sequences",

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.config import SchedulerConfig
 from tokenmill.engine.sequence import Sequence, SequenceGroup
@@ -19,6 +21,7 @@ class ScheduledBatch:
     groups: list[SequenceGroup] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) copy-on-write before the run
     num_preempted: int = 0
+    overlapped: bool = False  # scheduled before the previous step's tokens were applied (async scheduling)
 
     @property
     def num_tokens(self) -> int:
@@ -28,6 +31,30 @@ class ScheduledBatch:
     def is_empty(self) -> bool:
         return not self.seqs
 
+    def fill_pending_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Overlapped steps: a sequence whose last token is still a placeholder takes its input id from
+        the previous step's sampled-id tensor, on the device, with no host sync.
+
+        input_ids: [num_tokens] int64, this batch's tokens in order (each sequence's new tokens in a run).
+        """
+        if not self.overlapped:
+            return
+        dst: list[int] = []  # flat positions of placeholders
+        src: list[int] = []  # their rows of the sampled-id tensor
+        sampled_ids = None
+        pos = 0
+        for seq, num_new in zip(self.seqs, self.num_new_tokens):
+            pos += num_new
+            if seq.pending_ids is not None:
+                sampled_ids = seq.pending_ids  # one tensor per step: every pending row points at it
+                dst.append(pos - 1)
+                src.append(seq.pending_row)
+        if dst:
+            index = torch.tensor(src, dtype=torch.int64, device=sampled_ids.device)
+            input_ids[torch.tensor(dst, dtype=torch.int64, device=input_ids.device)] = sampled_ids[index].to(
+                input_ids.device
+            )
+
     def samples(self, i: int) -> bool:
         """Whether sequence i reaches its last token this step (so its logits are needed)."""
         seq = self.seqs[i]
@@ -36,7 +63,8 @@ class ScheduledBatch:
 
 def group_max_seqs(group: SequenceGroup) -> int:
     """How many sequences the request may hold at once (its share of max_num_seqs)."""
-    return max(group.params.num_beams, group.params.num_return_sequences, len(group.seqs))
+    n = len(group.seqs)
+    return group.num_seats if group.num_seats >= n else n
 
 
 class Scheduler:
@@ -60,10 +88,12 @@ class Scheduler:
 
     def remove(self, group: SequenceGroup) -> None:
         """Take a request out of the queues and free all its blocks (finish or abort)."""
-        if group in self.running:
-            self.running.remove(group)
-        elif group in self.waiting:
-            self.waiting.remove(group)
+        group.released = True
+        try:
+            self.running.remove(group)  # one C-level identity scan; finished requests are mostly running
+        except ValueError:
+            if group in self.waiting:
+                self.waiting.remove(group)
         for seq in group.seqs:
             self.block_manager.free(seq)
 
@@ -73,31 +103,52 @@ class Scheduler:
 
     # ------------------------------------------------------------------ scheduling
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
+        batch = ScheduledBatch(overlapped=self.config.async_scheduling)
         budget = self.config.max_num_batched_tokens
         num_seqs = 0
 
+        # Running requests, oldest first; victims of preemption are taken from the newest end.
+        bm = self.block_manager
+        running = self.running
         still_running: list[SequenceGroup] = []
-        queue = list(self.running)
-        while queue:
-            group = queue.pop(0)
-            plan = self._plan(group, budget, nothing_scheduled=batch.is_empty)
+        next_index, end = 0, len(running)  # running[next_index:end] are still to be scheduled
+        while next_index < end:
+            group = running[next_index]
+            next_index += 1
+            seqs = group.seqs
+            if len(seqs) == 1 and budget > 0 and seqs[0].num_uncomputed_tokens == 1:
+                # Fast path, the common case: one sequence decoding one token. Same outcome as the
+                # general path below (plan [1]); most steps its token fits its last block.
+                seq = seqs[0]
+                needed = bm.num_blocks_needed(seq, 1)
+                if needed <= bm.num_free_blocks:
+                    if needed:
+                        bm.allocate(seq, 1)
+                    batch.seqs.append(seq)
+                    batch.num_new_tokens.append(1)
+                    batch.groups.append(group)
+                    budget -= 1
+                    num_seqs += group.num_seats
+                    still_running.append(group)
+                    continue
+            plan = self._plan(group, budget, nothing_scheduled=not batch.seqs)
             if plan is None:  # over the token budget this step: wait for the next one
                 still_running.append(group)
                 num_seqs += group_max_seqs(group)  # it keeps its seats: new requests may not take them
                 continue
             while not self._can_allocate(group, plan):
-                if not queue:
+                if next_index == end:
                     victim = group  # nothing newer to evict: this one waits
                 else:
-                    victim = queue.pop()
+                    end -= 1
+                    victim = running[end]
                 self._preempt(victim)
                 batch.num_preempted += 1
                 if victim is group:
                     break
             else:
                 self._allocate(group, plan, batch)
-                budget -= sum(plan)
+                budget -= plan[0] if len(plan) == 1 else sum(plan)
                 num_seqs += group_max_seqs(group)
                 still_running.append(group)
         self.running = still_running
@@ -108,7 +159,7 @@ class Scheduler:
                 if num_seqs + group_max_seqs(group) > self.config.max_num_seqs:
                     break
                 cached = self._lookup_prefix(group)
-                plan = self._plan(group, budget, nothing_scheduled=batch.is_empty, cached=cached)
+                plan = self._plan(group, budget, nothing_scheduled=not batch.seqs, cached=cached)
                 if plan is None or not self._can_allocate(group, plan, cached):
                     break
                 self.waiting.popleft()
@@ -130,18 +181,21 @@ class Scheduler:
         cached: list[tuple[list[int], list[int]]] | None = None,
     ) -> list[int] | None:
         """Tokens to run for each of the group's sequences, or None if it must wait for budget."""
-        bs = self.block_manager.block_size
-        needs = [
-            s.num_uncomputed_tokens - (len(cached[i][0]) * bs if cached else 0) for i, s in enumerate(group.seqs)
-        ]
-        if len(needs) == 1:
+        seqs = group.seqs
+        if len(seqs) == 1:
             # A lone sequence may be chunked (long prompts prefill over several steps).
-            if needs[0] <= budget:
-                return needs
+            seq = seqs[0]
+            need = len(seq.token_ids) - seq.num_computed_tokens
+            if cached:
+                need -= len(cached[0][0]) * self.block_manager.block_size
+            if need <= budget:
+                return [need]
             if self.config.enable_chunked_prefill and budget > 0:
                 return [budget]
-            return needs if nothing_scheduled else None
+            return [need] if nothing_scheduled else None
         # Several sequences (samples or beams) step together, whole.
+        bs = self.block_manager.block_size
+        needs = [s.num_uncomputed_tokens - (len(cached[i][0]) * bs if cached else 0) for i, s in enumerate(seqs)]
         total = sum(needs)
         if total <= budget or nothing_scheduled:
             return needs
@@ -154,8 +208,11 @@ class Scheduler:
         self, group: SequenceGroup, plan: list[int], cached: list[tuple[list[int], list[int]]] | None = None
     ) -> bool:
         bm = self.block_manager
+        seqs = group.seqs
+        if len(seqs) == 1 and not cached:
+            return bm.num_blocks_needed(seqs[0], plan[0]) <= bm.num_free_blocks
         needed = sum(
-            bm.num_blocks_needed(seq, plan[i], cached[i][0] if cached else []) for i, seq in enumerate(group.seqs)
+            bm.num_blocks_needed(seq, plan[i], cached[i][0] if cached else ()) for i, seq in enumerate(seqs)
         )
         return needed <= bm.num_free_blocks
 
@@ -172,16 +229,16 @@ class Scheduler:
             for seq, (blocks, hashes) in zip(group.seqs, cached):
                 if blocks:
                     self.block_manager.allocate(seq, 0, blocks, hashes)
-        for i, seq in enumerate(group.seqs):
-            self.block_manager.allocate(seq, plan[i])
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(plan[i])
+        allocate = self.block_manager.allocate
+        for seq, num_new in zip(group.seqs, plan):
+            allocate(seq, num_new)
+        batch.seqs.extend(group.seqs)
+        batch.num_new_tokens.extend(plan)
         batch.groups.append(group)
 
     def _preempt(self, group: SequenceGroup) -> None:
-        """Free the group's blocks; it goes back to the front of the queue and is recomputed later."""
-        if group in self.running:
-            self.running.remove(group)
+        """Free the group's blocks; it goes back to the front of the queue and is recomputed later.
+        (Called inside schedule(), which rebuilds the running list without it.)"""
         for seq in group.seqs:
             self.block_manager.free(seq)
             seq.num_computed_tokens = 0

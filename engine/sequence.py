@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from tokenmill.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    import torch
+
     from tokenmill.engine.beam_search import BeamSearch
     from tokenmill.engine.detokenizer import IncrementalDetokenizer
+    from tokenmill.engine.sampler import SampleRow
+
+# Stands for a sampled token that is not applied yet (overlapped steps); never a real token id.
+PLACEHOLDER_TOKEN_ID = -1
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a sequence is one stream, whatever it holds
 class Sequence:
     """One token stream with its own KV blocks: a prompt being prefilled, a sample, or a beam.
 
@@ -36,6 +42,16 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None
     streamed_text: str = ""  # text handed out so far (a tail that may become a stop string is held back)
     seed: int = 0
+    group: SequenceGroup | None = None  # the request it generates for
+    logits_row: int = -1  # its row of the step's logits, while an update runs
+    # The sampler's row for this sequence, built at its first draw and reused: the row's history is
+    # this sequence's own token_ids list, so only the logits index and the Philox offset change per step.
+    sample_row: SampleRow | None = None
+    # Overlapped steps: the sampled-id tensor holding this sequence's pending token, and its row there.
+    pending_ids: torch.Tensor | None = None
+    pending_row: int = -1
+    num_sent_tokens: int = 0  # output tokens handed out in "delta" outputs
+    finish_sent: bool = False  # its finish reason has been handed out ("delta" outputs)
 
     @property
     def num_tokens(self) -> int:
@@ -88,12 +104,19 @@ class SequenceGroup:
         self.min_new_tokens = min_new_tokens
         self.seed = seed
         self.num_cached_tokens = 0
+        self.num_seats = max(params.num_beams, params.num_return_sequences)  # its share of max_num_seqs
+        self.output_kind = params.output_kind
+        self.stop_token_ids = frozenset(eos_token_ids) | frozenset(params.stop_token_ids)  # end it after min tokens
+        # One decode of the whole output at its end, for requests whose text nobody reads before then
+        # (set by the step updater; None when an incremental detokenizer runs or text is off).
+        self.decode_text: Callable[[list[int]], str] | None = None
         self.seqs: list[Sequence] = [self.new_seq(list(prompt_token_ids), index=0)]
         self.finished_seqs: list[Sequence] = []  # samples that finished before their siblings
         self.has_forked = params.num_return_sequences == 1 and not params.use_beam_search
         self.beam_search: BeamSearch | None = None
         self.final_outputs: list[Any] | None = None  # beam hypotheses once done
         self.error: str | None = None
+        self.released = False  # taken out of the scheduler (finished or aborted): pending work is void
 
     def new_seq(self, token_ids: list[int], index: int) -> Sequence:
         return Sequence(
@@ -102,6 +125,7 @@ class SequenceGroup:
             num_prompt_tokens=len(self.prompt_token_ids),
             index=index,
             seed=self.seed,
+            group=self,
         )
 
     @property
@@ -117,4 +141,6 @@ class SequenceGroup:
         return sum(s.num_uncomputed_tokens for s in self.seqs)
 
     def all_seqs(self) -> list[Sequence]:
+        if not self.finished_seqs and len(self.seqs) == 1:
+            return self.seqs
         return sorted(self.seqs + self.finished_seqs, key=lambda s: s.index)

@@ -1,4 +1,10 @@
-"""Scheduler.update's half of a step: turn logits into tokens and move every request forward."""
+"""Scheduler.update's half of a step: turn logits into tokens and move every request forward.
+
+A sampled token first lands as a placeholder at the end of its sequence and is applied (appended,
+stop-checked, reported) after the draw: at once in a synchronous step, or at the start of the next
+update when steps overlap (the next step is scheduled and run meanwhile, its input id for that
+sequence taken from the sampled-id tensor by `fill_pending_input_ids`).
+"""
 
 from __future__ import annotations
 
@@ -6,36 +12,45 @@ import torch
 
 from tokenmill.engine.beam_search import BeamSearch
 from tokenmill.engine.block_manager import BlockManager
-from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.detokenizer import IncrementalDetokenizer, make_decoder
 from tokenmill.engine.logits_processors import RowInput
-from tokenmill.engine.output_processor import append_token, request_output
+from tokenmill.engine.output_processor import append_token, request_output, wants_output
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
-from tokenmill.engine.sampler import SampleRow, Sampler, row_seed
+from tokenmill.engine.sampler import SampleRow, Sampler, SamplerOutput, row_seed
 from tokenmill.engine.scheduler import ScheduledBatch
-from tokenmill.engine.sequence import Sequence, SequenceGroup
+from tokenmill.engine.sequence import PLACEHOLDER_TOKEN_ID, Sequence, SequenceGroup
 
 
 class StepUpdater:
-    def __init__(self, block_manager: BlockManager, tokenizer, max_model_len: int) -> None:
+    def __init__(
+        self, block_manager: BlockManager, tokenizer, max_model_len: int, *, async_scheduling: bool = False
+    ) -> None:
         self.block_manager = block_manager
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.async_scheduling = async_scheduling
         self.sampler = Sampler()
         self._num_new_tokens = 0
+        # Sampled tokens not applied yet: (the sequence of each row, the sampler's output).
+        self._in_flight: tuple[list[Sequence], SamplerOutput] | None = None
 
     def prepare_group(self, group: SequenceGroup) -> None:
-        """Attach what a new request needs: detokenizers (samples) or a beam search state (beams)."""
-        if group.params.use_beam_search:
-            generator = torch.Generator().manual_seed(group.seed) if group.params.do_sample else None
-            group.beam_search = BeamSearch(
-                group.params, group.prompt_token_ids, group.eos_token_ids, group.max_new_tokens, generator
-            )
+        """Attach what a new request needs: text decoding (samples) or a beam search state (beams)."""
+        p = group.params
+        if p.use_beam_search:
+            generator = torch.Generator().manual_seed(group.seed) if p.do_sample else None
+            group.beam_search = BeamSearch(p, group.prompt_token_ids, group.eos_token_ids, group.max_new_tokens, generator)
+        elif p.detokenize and p.output_kind == "final" and not p.stop:
+            group.decode_text = make_decoder(self.tokenizer, p.skip_special_tokens)  # nobody reads text before the end
         else:
             for seq in group.seqs:
                 self._attach_detokenizer(group, seq)
 
     def _attach_detokenizer(self, group: SequenceGroup, seq: Sequence) -> None:
+        """Incremental text, for streams and stop strings (none when the request wants no text)."""
         p = group.params
+        if not p.detokenize or group.decode_text is not None:
+            return
         seq.detokenizer = IncrementalDetokenizer(
             self.tokenizer,
             group.prompt_token_ids,
@@ -49,53 +64,138 @@ class StepUpdater:
         return n
 
     # ------------------------------------------------------------------ update
-    def update(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[RequestOutput]:
-        """logits: [num_sampled, vocab], one row per sequence of `batch` that reached its last token."""
-        logits_row: dict[int, int] = {}
-        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            if batch.samples(i):
-                logits_row[seq.seq_id] = len(logits_row)
-            seq.num_computed_tokens += num_new
-            self.block_manager.commit_full_blocks(seq)
+    @property
+    def has_in_flight(self) -> bool:
+        """Whether sampled tokens wait to be applied (overlapped steps)."""
+        return self._in_flight is not None
 
+    def drop_in_flight(self) -> list[SequenceGroup]:
+        """Forget the sampled tokens not applied yet (a failed step); returns their requests, to be failed."""
+        if self._in_flight is None:
+            return []
+        targets, _ = self._in_flight
+        self._in_flight = None
+        groups: dict[int, SequenceGroup] = {}
+        for seq in targets:
+            seq.pending_ids, seq.pending_row = None, -1
+            if seq.token_ids and seq.token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+                seq.token_ids.pop()
+            groups.setdefault(id(seq.group), seq.group)
+        return list(groups.values())
+
+    def update(self, batch: ScheduledBatch, logits: torch.Tensor | None) -> list[RequestOutput]:
+        """logits: [num_sampled, vocab], one row per sequence of `batch` that reached its last token.
+
+        Synchronous: this step's tokens are sampled and applied. Overlapped (async_scheduling): first
+        the previous step's sampled tokens are applied (appends, stop checks, outputs), so the
+        history is complete before this step's tokens are sampled; those are applied next step.
+        """
+        outputs = self._apply_in_flight()  # overlapped: the previous step's tokens (before new placeholders)
+        sampled = self._advance(batch)
+        beam_groups = self._sample(sampled, logits)
+        if not self.async_scheduling:
+            outputs = self._apply_in_flight()
+        for group in beam_groups:
+            self._beam_step(group, logits)  # beams need the host between steps: always synchronous
+            if group.is_finished:  # beams report once, at the end
+                outputs.append(request_output(group, finished=True))
+        return outputs
+
+    def _sample(self, sampled: list[Sequence], logits: torch.Tensor | None) -> list[SequenceGroup]:
+        """Draw the next token of every sampled non-beam sequence; each gets a placeholder token until
+        its draw is applied. Returns the beam requests to step."""
         rows: list[SampleRow] = []
-        targets: list[tuple[SequenceGroup, Sequence]] = []  # the sequence each row's token goes to
-        beam_groups: list[SequenceGroup] = []
-        for group in batch.groups:
-            sampled = [s for s in group.seqs if s.seq_id in logits_row]
-            if not sampled:
-                continue
+        targets: list[Sequence] = []  # the sequence each row's token goes to
+        beam_groups: dict[str, SequenceGroup] = {}
+        for seq in sampled:
+            group = seq.group
             if group.beam_search is not None:
-                beam_groups.append(group)
+                beam_groups[group.request_id] = group
                 continue
-            for seq in sampled:
-                draws = [seq]
-                if not group.has_forked:  # n samples share the prompt's blocks from here on
-                    for k in range(1, group.params.num_return_sequences):
-                        draws.append(self._fork(group, seq, group.new_seq(list(seq.token_ids), index=k)))
-                    group.has_forked = True
-                for target in draws:
-                    row = RowInput(group.params, target.token_ids, target.num_prompt_tokens, group.eos_token_ids)
-                    seed = row_seed(group.seed, target.index)
-                    rows.append(SampleRow(row, logits_row[seq.seq_id], seed, target.num_tokens))
-                    targets.append((group, target))
-
-        progressed: dict[str, SequenceGroup] = {}  # by request id, in batch order
+            if not group.has_forked:  # n samples share the prompt's blocks from here on
+                draws = [seq] + [
+                    self._fork(group, seq, group.new_seq(list(seq.token_ids), index=k))
+                    for k in range(1, group.params.num_return_sequences)
+                ]
+                group.has_forked = True
+            else:
+                draws = (seq,)
+            for target in draws:
+                rows.append(self._sample_row(target, seq.logits_row))
+                targets.append(target)
         if rows:
             out = self.sampler(logits, rows)
-            for (group, seq), tok, lp, top in zip(targets, out.token_ids, out.logprobs, out.top_logprobs):
-                append_token(group, seq, tok, lp, top, self.max_model_len)
-                progressed[group.request_id] = group
-            self._num_new_tokens += len(rows)
-            for group in progressed.values():
-                self._retire_finished(group)
+            # The next step's input ids for these sequences come from this tensor (ModelRunner's fill).
+            sampled_ids = (
+                torch.tensor(out.token_ids, dtype=torch.int64, device=logits.device) if self.async_scheduling else None
+            )  # [num_rows]
+            for row, seq in enumerate(targets):
+                seq.token_ids.append(PLACEHOLDER_TOKEN_ID)
+                seq.pending_ids, seq.pending_row = sampled_ids, row
+            self._in_flight = (targets, out)
+        return list(beam_groups.values())
 
-        for group in beam_groups:
-            self._beam_step(group, logits, logits_row)
-            if group.is_finished:  # beams report once, at the end
-                progressed[group.request_id] = group
+    def _apply_in_flight(self) -> list[RequestOutput]:
+        """Replace each placeholder by its sampled token: append, stop checks, finished samples retired;
+        returns the outputs of the requests that moved. Requests aborted meanwhile are skipped (their
+        blocks are already free)."""
+        if self._in_flight is None:
+            return []
+        targets, out = self._in_flight
+        self._in_flight = None
+        progressed: dict[str, SequenceGroup] = {}  # by request id, in batch order
+        finished: list[SequenceGroup] = []
+        max_model_len = self.max_model_len
+        num_applied = 0
+        for seq, tok, lp, top in zip(targets, out.token_ids, out.logprobs, out.top_logprobs):
+            seq.pending_ids, seq.pending_row = None, -1
+            group = seq.group
+            if group.released:
+                continue
+            seq.token_ids.pop()  # the placeholder
+            if append_token(group, seq, tok, lp, top, max_model_len):
+                finished.append(group)
+            progressed[group.request_id] = group
+            num_applied += 1
+        self._num_new_tokens += num_applied
+        for group in finished:
+            self._retire_finished(group)
+        return [request_output(g, finished=g.is_finished) for g in progressed.values() if wants_output(g)]
 
-        return [request_output(g, finished=g.is_finished) for g in progressed.values()]
+    def _advance(self, batch: ScheduledBatch) -> list[Sequence]:
+        """Count the step's tokens as computed and commit blocks that filled; returns the sequences that
+        reached their last token, each with its logits row set."""
+        bm = self.block_manager
+        caching = bm.enable_prefix_caching
+        block_size = bm.block_size
+        sampled: list[Sequence] = []
+        num_rows = 0  # rows of the step's logits: one per sequence that reached its last token
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            computed = seq.num_computed_tokens + num_new
+            if computed == len(seq.token_ids):
+                if seq.finish_reason is None:
+                    seq.logits_row = num_rows
+                    sampled.append(seq)
+                num_rows += 1
+            if seq.finish_reason is not None:
+                continue  # finished by the token applied just before (overlap): this step's work is void
+            seq.num_computed_tokens = computed
+            if caching and computed // block_size > seq.num_hashed_blocks:
+                bm.commit_full_blocks(seq)
+        return sampled
+
+    @staticmethod
+    def _sample_row(seq: Sequence, logits_index: int) -> SampleRow:
+        """The sequence's sampler row, built once: its history is `seq.token_ids` itself."""
+        row = seq.sample_row
+        if row is None:
+            group = seq.group
+            history = RowInput(group.params, seq.token_ids, seq.num_prompt_tokens, group.eos_token_ids)
+            row = seq.sample_row = SampleRow(history, logits_index, row_seed(group.seed, seq.index), seq.num_tokens)
+        else:
+            row.logits_index = logits_index
+            row.offset = len(seq.token_ids)
+        return row
 
     def _fork(self, group: SequenceGroup, parent: Sequence, child: Sequence) -> Sequence:
         self.block_manager.fork(parent, child)
@@ -104,15 +204,15 @@ class StepUpdater:
         return child
 
     def _retire_finished(self, group: SequenceGroup) -> None:
-        for seq in [s for s in group.seqs if s.is_finished]:
+        for seq in [s for s in group.seqs if s.finish_reason is not None]:
             self.block_manager.free(seq)
             group.seqs.remove(seq)
             group.finished_seqs.append(seq)
 
     # ------------------------------------------------------------------ beams
-    def _beam_step(self, group: SequenceGroup, logits: torch.Tensor, logits_row: dict[int, int]) -> None:
+    def _beam_step(self, group: SequenceGroup, logits: torch.Tensor) -> None:
         live = group.seqs
-        index = torch.tensor([logits_row[s.seq_id] for s in live], device=logits.device)
+        index = torch.tensor([s.logits_row for s in live], device=logits.device)
         step = group.beam_search.step(logits.index_select(0, index))  # [num_live, vocab]
         if step.done:
             self._finish_beams(group)
@@ -140,10 +240,11 @@ class StepUpdater:
     def _finish_beams(self, group: SequenceGroup) -> None:
         hyps = group.beam_search.finalize()
         skip = group.params.skip_special_tokens
+        detokenize = group.params.detokenize
         group.final_outputs = [
             CompletionOutput(
                 index=i,
-                text=self.tokenizer.decode(h.token_ids, skip_special_tokens=skip),
+                text=self.tokenizer.decode(h.token_ids, skip_special_tokens=skip) if detokenize else "",
                 token_ids=list(h.token_ids),
                 cumulative_logprob=h.cumulative_logprob,
                 finish_reason="stop" if h.token_ids and h.token_ids[-1] in group.eos_token_ids else "length",

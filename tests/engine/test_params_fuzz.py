@@ -61,6 +61,8 @@ VALID_OR_NEAR: dict[str, st.SearchStrategy] = {
     "logprobs": st.one_of(st.none(), st.integers(-1, 25)),
     "skip_special_tokens": st.booleans(),
     "include_stop_str_in_output": st.booleans(),
+    "output_kind": st.sampled_from(["cumulative", "delta", "final", "stream", ""]),
+    "detokenize": st.booleans(),
 }
 assert set(VALID_OR_NEAR) == SamplingParams.field_names(), "a new SamplingParams field needs a strategy here"
 
