@@ -101,3 +101,15 @@ def test_quantized_engine_greedy_matches_hf_on_the_same_quantized_model(mode: st
     else:
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == [hf_greedy(ref, p, 16) for p in prompts]
+
+
+def test_cli_flags_reach_engine_kwargs() -> None:
+    from tokenmill.serve import cli
+    from tokenmill.serve.cli_args import engine_kwargs
+
+    kwargs = engine_kwargs(cli.build_parser().parse_args(["serve", "--quantization", "int8", "--num-threads", "2"]))
+    assert kwargs["quantization"] == "int8" and kwargs["num_threads"] == 2
+    defaults = engine_kwargs(cli.build_parser().parse_args(["serve"]))
+    assert defaults["quantization"] is None and defaults["num_threads"] is None
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--quantization", "fp8"])
