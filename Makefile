@@ -4,6 +4,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
+ARGS ?=
 
 .PHONY: install test serve bench gpu-check clean
 
@@ -25,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 serve: $(STAMP)
-	$(VENV)/bin/tokenmill serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/tokenmill serve --host $(HOST) --port $(PORT) $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py

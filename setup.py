@@ -2,6 +2,7 @@ from setuptools import setup
 
 SERVE_REQUIRES = ["ray[serve]>=2.40", "fastapi", "uvicorn", "pydantic>=2", "prometheus_client", "httpx", "aiohttp"]
 BENCH_REQUIRES = ["matplotlib"]
+LLAMACPP_REQUIRES = ["llama-cpp-python>=0.3"]  # the llama.cpp benchmark backend; builds from source (cmake, C++)
 
 setup(
     name="tokenmill",
@@ -29,6 +30,7 @@ setup(
     extras_require={
         "serve": SERVE_REQUIRES,
         "bench": BENCH_REQUIRES,
+        "llamacpp": LLAMACPP_REQUIRES,
         "test": SERVE_REQUIRES + BENCH_REQUIRES + ["pytest", "pytest-timeout", "hypothesis", "scipy", "openai", "schemathesis"],
     },
     entry_points={"console_scripts": ["tokenmill=tokenmill.serve.cli:main"]},

@@ -53,6 +53,15 @@ class ModelConfig:
     cache_dir: str | None = None  # converted-weights cache; default ~/.cache/tokenmill or $TOKENMILL_CACHE
     max_model_len: int | None = None  # None: the model's own limit, capped at 4096
     seed: int = 0
+    quantization: str | None = None  # None: exact weights; "int8" / "int4": quantized linears (CPU)
+    num_threads: int | None = None  # torch CPU threads; None: OMP_NUM_THREADS, else the usable cores
+
+    def __post_init__(self) -> None:
+        from tokenmill.engine.quantization import check_quantization
+        from tokenmill.engine.threads import check_num_threads
+
+        check_quantization(self.quantization)
+        check_num_threads(self.num_threads)
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,13 @@ from tokenmill.engine.errors import QueueFullError
 from tokenmill.engine.model_loader import LoadedModel, load_model
 from tokenmill.engine.model_runner import ModelRunner, kv_bytes_per_block
 from tokenmill.engine.output_processor import request_output
+from tokenmill.engine.quantization import check_quantization, model_quantization
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.engine.scheduler import ScheduledBatch, Scheduler, group_max_seqs
 from tokenmill.engine.sequence import SequenceGroup
 from tokenmill.engine.step_update import StepUpdater
+from tokenmill.engine.threads import configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,9 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
+        configure_threads(config.model.num_threads)
         device, dtype = resolve_device_dtype(config.model.device, config.model.dtype)
+        check_quantization(config.model.quantization, device if loaded is None else None)
         if loaded is None:
             loaded = load_model(
                 config.model.model,
@@ -64,6 +68,12 @@ class LLMEngine:
                 dtype=dtype,
                 cache_dir=config.model.cache_dir,
                 attn_implementation=register_attention(),
+                quantization=config.model.quantization,
+            )
+        elif model_quantization(loaded.model) != config.model.quantization:
+            raise ValueError(
+                f"quantization={config.model.quantization!r} is invalid for the given model, which is quantized as "
+                f"{model_quantization(loaded.model)!r}: pass a model from load_model(..., quantization=...)"
             )
         self.loaded = loaded
         self.model = loaded.model
@@ -122,11 +132,14 @@ class LLMEngine:
         device: str = "auto",
         cache_dir: str | None = None,
         seed: int = 0,
+        quantization: str | None = None,
+        num_threads: int | None = None,
         loaded: LoadedModel | None = None,
     ) -> "LLMEngine":
         config = EngineConfig(
             model=ModelConfig(
-                model=model, dtype=dtype, device=device, cache_dir=cache_dir, max_model_len=max_model_len, seed=seed
+                model=model, dtype=dtype, device=device, cache_dir=cache_dir, max_model_len=max_model_len, seed=seed,
+                quantization=quantization, num_threads=num_threads,
             ),
             cache=CacheConfig(
                 block_size=block_size,

