@@ -163,7 +163,7 @@ class LLMEngine:
         probe = ModelRunner(self.model, num_blocks=-(-tokens // cache.block_size), block_size=cache.block_size)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        probe.profile_run(tokens)
+        probe.profile_run(tokens, max_seq_len=self.max_model_len)
         peak = torch.cuda.max_memory_allocated(device) - sum(c.numel() * c.element_size() for c in probe.k_caches) * 2
         del probe
         torch.cuda.empty_cache()

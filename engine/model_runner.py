@@ -91,22 +91,60 @@ class ModelRunner:
         out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, tokenmill_context=ctx)
         return out.logits[0].float()  # [num_sampled, vocab]
 
-    def profile_run(self, num_tokens: int) -> None:
-        """A forward over one prompt of `num_tokens` dummy tokens (the cache must hold that many)."""
+    def profile_run(self, num_tokens: int, max_seq_len: int | None = None) -> None:
+        """A forward over `num_tokens` dummy prompt tokens, the largest step the scheduler can make.
+
+        The tokens are split into sequences no longer than the model's position limit or
+        `max_seq_len` (max_model_len), so a model with fewer positions than the token budget
+        (GPT-2: 1024 < 2048) is never fed a position it does not have.
+        """
         bs = self.block_size
-        num_blocks = -(-num_tokens // bs)
+        lens = profile_seq_lens(num_tokens, min(filter(None, (position_limit(self.model.config), max_seq_len))), bs)
+        blocks_per_seq = [-(-n // bs) for n in lens]
+        max_blocks = max(blocks_per_seq)
+        first_block = [sum(blocks_per_seq[:i]) for i in range(len(lens))]
+        # Each sequence owns consecutive blocks (wrapping if the cache is small: the values are dummies).
+        tables = [[(first + j) % self.num_blocks for j in range(max_blocks)] for first in first_block]
+        positions = [p for n in lens for p in range(n)]
+        slots = [tables[i][p // bs] * bs + p % bs for i, n in enumerate(lens) for p in range(n)]
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
         dev = self.device
         ctx = AttentionContext(
             k_caches=self.k_caches,
             v_caches=self.v_caches,
-            slot_mapping=torch.arange(num_tokens, dtype=torch.int64, device=dev),
-            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=dev).unsqueeze(0),
-            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
-            max_query_len=num_tokens,
-            max_seq_len=num_tokens,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),  # [num_tokens]
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),  # [num_seqs, max_blocks]
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),  # [num_seqs]
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),  # [num_seqs + 1]
+            max_query_len=max(lens),
+            max_seq_len=max(lens),
         )
         ids = torch.zeros((1, num_tokens), dtype=torch.int64, device=dev)
-        pos = torch.arange(num_tokens, device=dev).unsqueeze(0)
+        pos = torch.tensor(positions, dtype=torch.int64, device=dev).unsqueeze(0)  # [1, num_tokens]
+        keep = torch.tensor(starts[1:], dtype=torch.int64, device=dev) - 1  # [num_seqs] last token of each
         with torch.inference_mode():
-            self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, tokenmill_context=ctx)
+            self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, tokenmill_context=ctx)
+
+
+def position_limit(model_config) -> int | None:
+    """The model's own position limit (None when its config states none)."""
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def profile_seq_lens(num_tokens: int, max_len: int, block_size: int) -> list[int]:
+    """Lengths of the profiling sequences: `num_tokens` in all, none over `max_len`; full ones are
+    whole blocks, so together they need no more blocks than one sequence of `num_tokens` would."""
+    if num_tokens < 1 or max_len < 1:
+        raise ValueError(f"num_tokens={num_tokens} and max_len={max_len} must be >= 1")
+    chunk = max_len // block_size * block_size or max_len
+    lens = [chunk] * (num_tokens // chunk)
+    if num_tokens % chunk:
+        lens.append(num_tokens % chunk)
+    return lens
