@@ -24,6 +24,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto).")
     group.add_argument("--cache-dir", default=None, help="Converted-weights cache (default ~/.cache/tokenmill).")
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--enforce-eager", action="store_true", default=None,
+                       help="Run every step eager: no compiled forward, no CUDA graphs "
+                            "(default: compiled with CUDA graphs on CUDA, eager on the CPU).")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,6 +43,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "cache_dir": args.cache_dir,
         "seed": args.seed,
+        "enforce_eager": args.enforce_eager,
     }
     if args.kv_cache_memory_gb is not None:
         kwargs["kv_cache_memory_bytes"] = int(args.kv_cache_memory_gb * 1024**3)
