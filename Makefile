@@ -35,7 +35,7 @@ bench: $(STAMP)
 # the package is put on the path through a folder of links. Numbers go to $(GPU_OUT).
 GPU_OUT ?= $(if $(OUT),$(OUT),gpu-results)
 GPU_PATH := $(CURDIR)/.gpu-path
-GPU_TESTS := tests/kernels tests/engine/test_greedy_parity.py tests/engine/test_logits_processors.py tests/engine/test_beam_search.py
+GPU_TESTS := tests/kernels tests/engine/test_greedy_parity.py tests/engine/test_cuda_graphs.py tests/engine/test_logits_processors.py tests/engine/test_beam_search.py
 gpu-check:
 	mkdir -p $(GPU_OUT) $(GPU_PATH)/tokenmill
 	cp tokenmill/__init__.py $(GPU_PATH)/tokenmill/
