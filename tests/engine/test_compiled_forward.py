@@ -106,3 +106,18 @@ def test_padding_rows_never_write_the_cache_nor_change_real_rows(backend: str) -
         changed = (old != new).flatten(1).any(1).nonzero().flatten().tolist()  # blocks written
         assert changed == [2, 4, 6]  # each real sequence's second block (slot 9 of 16), nothing else
         torch.testing.assert_close(new, ref)
+
+
+def test_enforce_eager_flag_and_device_default() -> None:
+    import argparse
+
+    from tokenmill.engine.model_runner import resolve_enforce_eager
+    from tokenmill.serve.cli_args import add_engine_args, engine_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert engine_kwargs(parser.parse_args(["--enforce-eager"]))["enforce_eager"] is True
+    assert engine_kwargs(parser.parse_args([]))["enforce_eager"] is None
+    assert resolve_enforce_eager(None, torch.device("cpu")) is True
+    assert resolve_enforce_eager(None, torch.device("cuda")) is False
+    assert resolve_enforce_eager(False, torch.device("cpu")) is False
