@@ -4,7 +4,8 @@ with a CUDA graph per bucket on top on CUDA.
 A pure-decode step of n sequences is padded to the smallest bucket >= n. Its inputs are leading
 slices of InputBuffers' device buffers (never reallocated), so every call of a bucket sees tensors
 of the same shapes at the same addresses: dynamo compiles each bucket once and a CUDA graph can
-replay it. Padding rows have slot -1 (their keys/values are never written), sequence length 1 and
+replay it (the batch dimension is marked dynamic, so buckets >= 2 share one compiled graph).
+Padding rows have slot -1 (their keys/values are never written), sequence length 1 and
 block table row 0; their outputs are discarded. Prefill and mixed steps run eager.
 """
 
@@ -34,7 +35,11 @@ def model_forward(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, 
     return out.logits[0]
 
 
-_compiled_forward = torch.compile(model_forward, fullgraph=True, dynamic=False)
+# The batch dimension of the bucket inputs is marked dynamic: one graph serves every bucket >= 2
+# (dynamo specializes size 1), so the compile cost is paid about twice, not once per bucket, and
+# the CUDA graphs are captured per bucket on top. Should a model's code force a static batch,
+# each bucket compiles once instead.
+_compiled_forward = torch.compile(model_forward, fullgraph=True)
 
 
 class DecodeGraphs:
@@ -71,7 +76,11 @@ class DecodeGraphs:
                 max_query_len=1,
                 max_seq_len=0,  # not a constant of the graph: attention reads or bounds it
             )
-            self.inputs[b] = (dev["input_ids"][:b].view(1, b), dev["positions"][:b].view(1, b), ctx)
+            ids, pos = dev["input_ids"][:b].view(1, b), dev["positions"][:b].view(1, b)  # [1, B]
+            for tensor, dim in ((ids, 1), (pos, 1), (ctx.slot_mapping, 0), (ctx.block_tables, 0),
+                                (ctx.seq_lens, 0), (ctx.query_start_loc, 0)):
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+            self.inputs[b] = (ids, pos, ctx)
         self.block_size = block_size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
