@@ -57,7 +57,10 @@ def main() -> None:
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, 10000, (args.prompt_len,), generator=g).tolist() for _ in range(args.num_requests)]
-    results = [run_mode(eager, args, prompts) for eager in (True, False)]
+    results = []
+    for enforce_eager in (True, False):
+        results.append(run_mode(enforce_eager, args, prompts))
+        print({k: round(v, 3) for k, v in results[-1].items() if isinstance(v, float)}, flush=True)
     eager, compiled = results
     same = eager.pop("tokens") == compiled.pop("tokens")
     for r in results:
