@@ -3,7 +3,8 @@
 The model is loaded with `attn_implementation="tokenmill"`; every attention layer then calls
 `paged_attention_forward`, which writes the step's keys/values into the paged cache and attends
 over each sequence's blocks. The step's metadata reaches it as the `tokenmill_context` keyword
-that the model forward passes down to attention.
+that the model forward passes down to attention. The work is one custom op (engine/attention_op.py),
+so a compiled forward traces the whole model without graph breaks.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 
-from tokenmill.kernels.attention import paged_attention, write_kv_cache
+from tokenmill.engine.attention_op import attention_step
 
 ATTN_IMPLEMENTATION = "tokenmill"
 
@@ -27,7 +28,7 @@ class AttentionContext:
     seq_lens: torch.Tensor  # [num_seqs] int32, context length including this step's tokens
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     max_query_len: int
-    max_seq_len: int
+    max_seq_len: int  # <= 0: not known on the host (compiled decode; attention bounds it)
 
 
 def paged_attention_forward(
@@ -49,21 +50,12 @@ def paged_attention_forward(
     q = query[0].transpose(0, 1)  # [num_tokens, num_heads, head_dim]
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
-    write_kv_cache(k, v, ctx.k_caches[layer], ctx.v_caches[layer], ctx.slot_mapping)
     if scaling is None:
         scaling = q.shape[-1] ** -0.5
-    out = paged_attention(
-        q,
-        ctx.k_caches[layer],
-        ctx.v_caches[layer],
-        ctx.block_tables,
-        ctx.seq_lens,
-        ctx.query_start_loc,
-        scaling,
-        ctx.max_query_len,
-        ctx.max_seq_len,
-        sliding_window=sliding_window,
-    )
+    out = attention_step(
+        q, k, v, ctx.k_caches[layer], ctx.v_caches[layer], ctx.slot_mapping, ctx.block_tables, ctx.seq_lens,
+        ctx.query_start_loc, float(scaling), ctx.max_query_len, ctx.max_seq_len, sliding_window or 0,
+    )  # [num_tokens, num_heads, head_dim]
     return out.unsqueeze(0), None  # [1, num_tokens, num_heads, head_dim]
 
 

@@ -69,3 +69,6 @@ class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
+    # True: every step eager. False: decode steps through the compiled forward (+ CUDA graphs on
+    # CUDA). None: the device's default (see model_runner.resolve_enforce_eager).
+    enforce_eager: bool | None = None

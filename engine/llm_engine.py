@@ -17,7 +17,7 @@ from tokenmill.engine.config import CacheConfig, EngineConfig, ModelConfig, Sche
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.errors import QueueFullError
 from tokenmill.engine.model_loader import LoadedModel, load_model
-from tokenmill.engine.model_runner import ModelRunner, kv_bytes_per_block
+from tokenmill.engine.model_runner import ModelRunner, kv_bytes_per_block, resolve_enforce_eager
 from tokenmill.engine.output_processor import request_output
 from tokenmill.engine.quantization import check_quantization, model_quantization
 from tokenmill.engine.outputs import RequestOutput
@@ -89,10 +89,12 @@ class LLMEngine:
         self.scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
 
+        self.enforce_eager = resolve_enforce_eager(config.enforce_eager, device)
         num_blocks = self._num_kv_blocks(config.cache, device, dtype)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
-        self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=config.cache.block_size)
+        self.runner = self._make_runner(num_blocks)
+        self.runner.capture_graphs()
         self.updater = StepUpdater(
             self.block_manager, self.tokenizer, self.max_model_len, async_scheduling=self.scheduler_config.async_scheduling
         )
@@ -128,6 +130,7 @@ class LLMEngine:
         async_scheduling: bool = False,
         kv_cache_memory_bytes: int = 512 * 1024**2,
         gpu_memory_utilization: float = 0.85,
+        enforce_eager: bool | None = None,
         dtype: str = "auto",
         device: str = "auto",
         cache_dir: str | None = None,
@@ -156,6 +159,7 @@ class LLMEngine:
                 max_waiting_requests=max_waiting_requests,
                 async_scheduling=async_scheduling,
             ),
+            enforce_eager=enforce_eager,
         )
         return cls(config, loaded)
 
@@ -169,6 +173,14 @@ class LLMEngine:
             raise ValueError(f"max_model_len={asked} is invalid: allowed at most the model's limit {limit}")
         return asked
 
+    def _make_runner(self, num_blocks: int) -> ModelRunner:
+        sched = self.scheduler_config
+        return ModelRunner(
+            self.model, num_blocks=num_blocks, block_size=self.config.cache.block_size,
+            max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,
+            max_model_len=self.max_model_len, enforce_eager=self.enforce_eager,
+        )
+
     def _num_kv_blocks(self, cache: CacheConfig, device: torch.device, dtype: torch.dtype) -> int:
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
@@ -177,11 +189,12 @@ class LLMEngine:
             return max(1, cache.kv_cache_memory_bytes // per_block)
         # Profile a forward at the largest batch, then give the cache what is left of the budget.
         tokens = self.scheduler_config.max_num_batched_tokens
-        probe = ModelRunner(self.model, num_blocks=-(-tokens // cache.block_size), block_size=cache.block_size)
+        probe = self._make_runner(-(-tokens // cache.block_size))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        probe.profile_run(tokens)
+        probe.profile_run(tokens, max_seq_len=self.max_model_len)
         peak = torch.cuda.max_memory_allocated(device) - sum(c.numel() * c.element_size() for c in probe.k_caches) * 2
+        peak += probe.profile_graph_memory()
         del probe
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(device).total_memory

@@ -28,6 +28,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="Quantized linear layers on CPU: int8 (fast) or int4 (small); default: exact float32.")
     group.add_argument("--num-threads", type=int, default=None,
                        help="torch CPU threads (default: OMP_NUM_THREADS, else the cores this process may use).")
+    group.add_argument("--enforce-eager", action="store_true", default=None,
+                       help="Run every step eager: no compiled forward, no CUDA graphs "
+                            "(default: compiled with CUDA graphs on CUDA, eager on the CPU).")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -46,6 +49,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "quantization": args.quantization,
         "num_threads": args.num_threads,
+        "enforce_eager": args.enforce_eager,
     }
     if args.kv_cache_memory_gb is not None:
         kwargs["kv_cache_memory_bytes"] = int(args.kv_cache_memory_gb * 1024**3)

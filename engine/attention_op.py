@@ -1,0 +1,79 @@
+"""The paged-attention step as one `torch.library` custom op, so `torch.compile` sees the whole
+model forward as one graph: the op is opaque to the compiler (it mutates the KV caches and runs
+the torch reference on the CPU or the Triton kernels on CUDA through kernels.attention's public
+functions), and its fake implementation gives the output shape.
+
+Eager runs call `paged_attention_step` directly (no dispatcher overhead); a traced forward
+goes through the op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.kernels.attention import paged_attention, write_kv_cache
+
+
+def paged_attention_step(
+    query: torch.Tensor,  # [T, Hq, D]
+    key: torch.Tensor,  # [T, Hkv, D]
+    value: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64, < 0: do not write (padding)
+    block_tables: torch.Tensor,  # [S, max_blocks] int32
+    seq_lens: torch.Tensor,  # [S] int32
+    query_start_loc: torch.Tensor,  # [S + 1] int32
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,  # <= 0: not known on the host (a bound is used)
+    sliding_window: int,  # <= 0: none
+) -> torch.Tensor:
+    """Write this step's keys/values into the caches, then attend; returns [T, Hq, D]."""
+    write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+    if max_seq_len <= 0:
+        # A compiled step does not carry the (changing) longest length as a constant. The CPU
+        # reads it (no device to wait for); on CUDA the table width bounds it without a sync.
+        if query.is_cuda:
+            max_seq_len = block_tables.shape[1] * k_cache.shape[1]
+        else:
+            max_seq_len = int(seq_lens.max()) if seq_lens.numel() else 0
+    return paged_attention(
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+        max_query_len, max_seq_len, sliding_window=sliding_window if sliding_window > 0 else None,
+    )
+
+
+@torch.library.custom_op("tokenmill::paged_attention_step", mutates_args=("k_cache", "v_cache"))
+def paged_attention_step_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+    sliding_window: int,
+) -> torch.Tensor:
+    return paged_attention_step(
+        query.contiguous(), key.contiguous(), value.contiguous(), k_cache, v_cache, slot_mapping,
+        block_tables, seq_lens, query_start_loc, scale, max_query_len, max_seq_len, sliding_window,
+    )
+
+
+@paged_attention_step_op.register_fake
+def _(query, key, value, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
+      scale, max_query_len, max_seq_len, sliding_window) -> torch.Tensor:
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+def attention_step(*args) -> torch.Tensor:
+    """`paged_attention_step` through the custom op when traced by torch.compile, directly otherwise."""
+    if torch.compiler.is_compiling():
+        return paged_attention_step_op(*args)
+    return paged_attention_step(*args)

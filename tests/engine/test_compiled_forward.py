@@ -1,0 +1,123 @@
+"""The compiled decode forward: token-identical to eager, one graph per bucket, padding inert.
+
+Most cases compile with the `aot_eager` backend (dynamo's full-graph capture, the attention custom
+op and the bucket logic, in seconds); one case runs inductor, the backend the engine uses.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from tests.engine.helpers import random_prompts, tiny_pair
+from tokenmill.engine import compiled_forward
+from tokenmill.engine.compiled_forward import decode_buckets, model_forward
+from tokenmill.engine.llm import LLM
+from tokenmill.engine.model_runner import ModelRunner
+from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.engine.scheduler import ScheduledBatch
+from tokenmill.engine.sequence import Sequence
+
+MAX_NEW = 12
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """Compile with the parametrized backend, from a clean dynamo state."""
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model_forward, backend=request.param, fullgraph=True)
+    monkeypatch.setattr(compiled_forward, "_compiled_forward", compiled)
+    yield request.param
+    torch._dynamo.reset()
+
+
+def greedy(loaded, prompts, **kwargs) -> list[list[int]]:
+    llm = LLM(loaded=loaded, max_num_seqs=4, num_kv_blocks=64, block_size=8, max_model_len=128, **kwargs)
+    outs = llm.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)
+    engine = llm.llm_engine
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_decode_buckets() -> None:
+    assert decode_buckets(1) == [1]
+    assert decode_buckets(6) == [1, 2, 4, 6]
+    assert decode_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert decode_buckets(300)[-4:] == [256, 272, 288, 300]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_compiled_greedy_matches_eager(arch: str, backend: str) -> None:
+    loaded, _ = tiny_pair(arch)
+    # 7 prompts at max_num_seqs=4: decode steps of 4, 3, 2 and 1 sequences (buckets 4, 4, 2, 1).
+    prompts = random_prompts([5, 17, 9, 30, 3, 12, 21], seed=3)
+    want = greedy(loaded, prompts, enforce_eager=True)
+    assert counters["stats"]["unique_graphs"] == 0
+    got = greedy(loaded, prompts, enforce_eager=False)
+    assert got == want
+    # Bucket 1 and one dynamic-batch graph for 2 and 4 (at most one per bucket), never one per step.
+    assert 1 <= counters["stats"]["unique_graphs"] <= 3
+    assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("backend", ["inductor"], indirect=True)
+def test_inductor_greedy_matches_eager(backend: str) -> None:
+    loaded, _ = tiny_pair("llama")
+    prompts = random_prompts([6, 11, 4, 9], seed=4)  # 4 prompts finish together: bucket 4 only
+    want = greedy(loaded, prompts, enforce_eager=True)
+    got = greedy(loaded, prompts, enforce_eager=False)
+    assert got == want
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def _decode_batch(num_seqs: int) -> ScheduledBatch:
+    seqs = []
+    for i in range(num_seqs):
+        seq = Sequence(seq_id=i, token_ids=list(range(3 + i, 13 + i)), num_prompt_tokens=10)
+        seq.num_computed_tokens = 9
+        seq.block_table = [2 * i + 1, 2 * i + 2]  # block 0 is read by padding rows, written by none
+        seqs.append(seq)
+    return ScheduledBatch(seqs=seqs, num_new_tokens=[1] * num_seqs)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
+def test_padding_rows_never_write_the_cache_nor_change_real_rows(backend: str) -> None:
+    loaded, _ = tiny_pair("llama")
+    runners = [
+        ModelRunner(loaded.model, num_blocks=16, block_size=8, max_num_seqs=8, max_model_len=64, enforce_eager=eager)
+        for eager in (True, False)
+    ]
+    torch.manual_seed(0)
+    for cache in runners[0].k_caches + runners[0].v_caches:
+        cache.normal_()
+    for src, dst in zip(runners[0].k_caches + runners[0].v_caches, runners[1].k_caches + runners[1].v_caches):
+        dst.copy_(src)
+    before = [c.clone() for c in runners[1].k_caches]
+    batch = _decode_batch(3)
+    assert runners[1].prepare_inputs(batch)[1] == 4  # 3 sequences run padded to the bucket of 4
+    eager = runners[0].run(_decode_batch(3))
+    compiled = runners[1].run(_decode_batch(3))
+    assert compiled.shape == eager.shape == (3, loaded.model.config.vocab_size)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for old, new, ref in zip(before, runners[1].k_caches, runners[0].k_caches):
+        changed = (old != new).flatten(1).any(1).nonzero().flatten().tolist()  # blocks written
+        assert changed == [2, 4, 6]  # each real sequence's second block (slot 9 of 16), nothing else
+        torch.testing.assert_close(new, ref)
+
+
+def test_enforce_eager_flag_and_device_default() -> None:
+    import argparse
+
+    from tokenmill.engine.model_runner import resolve_enforce_eager
+    from tokenmill.serve.cli_args import add_engine_args, engine_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert engine_kwargs(parser.parse_args(["--enforce-eager"]))["enforce_eager"] is True
+    assert engine_kwargs(parser.parse_args([]))["enforce_eager"] is None
+    assert resolve_enforce_eager(None, torch.device("cpu")) is True
+    assert resolve_enforce_eager(None, torch.device("cuda")) is False
+    assert resolve_enforce_eager(False, torch.device("cpu")) is False
