@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tokenmill.engine.attention_backend import AttentionContext
+from tokenmill.engine.prompt_logprobs import prompt_logits_indices
 from tokenmill.engine.scheduler import ScheduledBatch
 
 
@@ -57,6 +58,7 @@ class ModelRunner:
             query_start_loc.append(query_start_loc[-1] + num_new)
             if batch.samples(i):
                 logits_indices.append(query_start_loc[-1] - 1)
+        logits_indices.extend(prompt_logits_indices(batch))  # prompt_logprobs rows, after the sampled ones
         max_blocks = max(len(s.block_table) for s in batch.seqs)
         tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
         dev = self.device
@@ -72,7 +74,7 @@ class ModelRunner:
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev).unsqueeze(0)  # [1, num_tokens]
         pos = torch.tensor(positions, dtype=torch.int64, device=dev).unsqueeze(0)  # [1, num_tokens]
-        keep = torch.tensor(logits_indices, dtype=torch.int64, device=dev)  # [num_sampled]
+        keep = torch.tensor(logits_indices, dtype=torch.int64, device=dev)  # [num_sampled + num_prompt_rows]
         return ids, pos, ctx, keep
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -85,11 +87,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [num_sampled, vocab] (float32) for the sequences that reach their last token."""
+        """Logits [num_sampled, vocab] (float32) for the sequences that reach their last token.
+
+        Requests with prompt_logprobs add rows after those (engine/prompt_logprobs.py)."""
         self.copy_blocks(batch.block_copies)
         ids, pos, ctx, keep = self.prepare_inputs(batch)
         out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, tokenmill_context=ctx)
-        return out.logits[0].float()  # [num_sampled, vocab]
+        return out.logits[0].float()  # [num_sampled (+ prompt rows), vocab]
 
     def profile_run(self, num_tokens: int) -> None:
         """A forward over one prompt of `num_tokens` dummy tokens (the cache must hold that many)."""

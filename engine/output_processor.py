@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.engine.prompt_logprobs import finished_prompt_logprobs
 from tokenmill.engine.sequence import Sequence, SequenceGroup
 
 
@@ -59,4 +60,5 @@ def request_output(group: SequenceGroup, finished: bool) -> RequestOutput:
         finished=finished,
         num_cached_tokens=group.num_cached_tokens,
         error=group.error,
+        prompt_logprobs=finished_prompt_logprobs(group),
     )

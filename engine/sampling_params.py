@@ -67,6 +67,7 @@ class SamplingParams:
     # Outputs.
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # top-k per prompt position (raw model distribution), vLLM's name
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -180,6 +181,8 @@ class SamplingParams:
             raise _bad("seed", self.seed, "an integer in [0, 2**63) or None")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise _bad("logprobs", self.logprobs, "an integer in [0, 20] or None")
+        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= 20):
+            raise _bad("prompt_logprobs", self.prompt_logprobs, "an integer in [0, 20] or None")
         if self.num_return_sequences > 1 and not self.do_sample and self.num_beams == 1:
             raise _bad(
                 "num_return_sequences",
@@ -248,6 +251,7 @@ class SamplingParams:
         if isinstance(kwargs.get("eos_token_id"), list):
             kwargs["eos_token_id"] = tuple(kwargs["eos_token_id"])
         kwargs.pop("logprobs", None)
+        kwargs.pop("prompt_logprobs", None)
         kwargs.update(overrides)
         return cls(**kwargs)
 

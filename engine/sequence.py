@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
+from tokenmill.engine.outputs import PromptLogprobs
 from tokenmill.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ class SequenceGroup:
         self.beam_search: BeamSearch | None = None
         self.final_outputs: list[Any] | None = None  # beam hypotheses once done
         self.error: str | None = None
+        self.prompt_logprobs = PromptLogprobs.start() if params.prompt_logprobs is not None else None
 
     def new_seq(self, token_ids: list[int], index: int) -> Sequence:
         return Sequence(

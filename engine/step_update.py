@@ -10,6 +10,7 @@ from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.logits_processors import RowInput
 from tokenmill.engine.output_processor import append_token, request_output
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.engine.prompt_logprobs import take_prompt_logprobs
 from tokenmill.engine.sampler import SampleRow, Sampler, row_seed
 from tokenmill.engine.scheduler import ScheduledBatch
 from tokenmill.engine.sequence import Sequence, SequenceGroup
@@ -50,7 +51,10 @@ class StepUpdater:
 
     # ------------------------------------------------------------------ update
     def update(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[RequestOutput]:
-        """logits: [num_sampled, vocab], one row per sequence of `batch` that reached its last token."""
+        """logits: [num_sampled, vocab], one row per sequence of `batch` that reached its last token.
+
+        Rows past num_sampled hold prompt positions of requests with prompt_logprobs."""
+        take_prompt_logprobs(batch, logits)  # before num_computed_tokens moves
         logits_row: dict[int, int] = {}
         for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if batch.samples(i):
