@@ -1,6 +1,8 @@
 from setuptools import setup
 
-SERVE_REQUIRES = ["ray[serve]>=2.40", "fastapi", "uvicorn", "pydantic>=2", "prometheus_client", "httpx", "aiohttp"]
+SERVE_REQUIRES = [
+    "ray[serve]>=2.40", "fastapi", "uvicorn", "pydantic>=2", "prometheus_client", "httpx", "aiohttp", "xgrammar>=0.2.9",
+]
 BENCH_REQUIRES = ["matplotlib"]
 
 setup(
@@ -29,7 +31,7 @@ setup(
     extras_require={
         "serve": SERVE_REQUIRES,
         "bench": BENCH_REQUIRES,
-        "test": SERVE_REQUIRES + BENCH_REQUIRES + ["pytest", "pytest-timeout", "hypothesis", "scipy", "openai", "schemathesis"],
+        "test": SERVE_REQUIRES + BENCH_REQUIRES + ["pytest", "pytest-timeout", "hypothesis", "scipy", "openai", "schemathesis", "lm_eval>=0.4.13", "jsonschema"],
     },
     entry_points={"console_scripts": ["tokenmill=tokenmill.serve.cli:main"]},
 )

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Union
 
+from tokenmill.engine.structured_output_params import StructuredOutputsParams
+
 EarlyStopping = Union[bool, str]
 
 
@@ -70,6 +72,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-k per prompt position (raw model distribution), vLLM's name
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrained decoding (vLLM's name): the output follows a JSON schema, regex, choice or grammar.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # Normalise list-like inputs into hashable tuples (the object stays frozen), checking their
@@ -106,6 +110,8 @@ class SamplingParams:
                 setf("logit_bias", {int(k): float(v) for k, v in bias.items()})
             except (TypeError, ValueError):
                 raise _bad("logit_bias", bias, "a mapping of token id to a number in [-100, 100]") from None
+        if isinstance(self.structured_outputs, dict):
+            setf("structured_outputs", StructuredOutputsParams(**self.structured_outputs))
         self._validate()
 
     # ------------------------------------------------------------------ validation
@@ -189,6 +195,11 @@ class SamplingParams:
                 self.num_return_sequences,
                 "1 for greedy decoding (set do_sample=True or num_beams >= num_return_sequences)",
             )
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise _bad("structured_outputs", self.structured_outputs, "a StructuredOutputsParams or None")
+            if self.num_beams > 1:
+                raise _bad("num_beams", self.num_beams, "1 with structured_outputs (constrained beam search is not supported)")
         if self.num_beams > 1 and (self.stop or self.presence_penalty or self.frequency_penalty):
             raise _bad("num_beams", self.num_beams, "1 when stop strings or presence/frequency penalties are set")
 

@@ -37,6 +37,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None
     streamed_text: str = ""  # text handed out so far (a tail that may become a stop string is held back)
     seed: int = 0
+    grammar_matcher: Any = None  # structured outputs: this sequence's xgrammar GrammarMatcher
 
     @property
     def num_tokens(self) -> int:
@@ -95,6 +96,7 @@ class SequenceGroup:
         self.beam_search: BeamSearch | None = None
         self.final_outputs: list[Any] | None = None  # beam hypotheses once done
         self.error: str | None = None
+        self.grammar: Any = None  # structured outputs: a Future of the compiled grammar
         self.prompt_logprobs = PromptLogprobs.start() if params.prompt_logprobs is not None else None
 
     def new_seq(self, token_ids: list[int], index: int) -> Sequence:

@@ -14,6 +14,7 @@ from tokenmill.engine.prompt_logprobs import take_prompt_logprobs
 from tokenmill.engine.sampler import SampleRow, Sampler, row_seed
 from tokenmill.engine.scheduler import ScheduledBatch
 from tokenmill.engine.sequence import Sequence, SequenceGroup
+from tokenmill.engine.structured_output import advance_grammars, mask_constrained_rows
 
 
 class StepUpdater:
@@ -86,10 +87,12 @@ class StepUpdater:
 
         progressed: dict[str, SequenceGroup] = {}  # by request id, in batch order
         if rows:
+            mask_constrained_rows(logits, ((r.logits_index, g, s) for r, (g, s) in zip(rows, targets)))
             out = self.sampler(logits, rows)
             for (group, seq), tok, lp, top in zip(targets, out.token_ids, out.logprobs, out.top_logprobs):
                 append_token(group, seq, tok, lp, top, self.max_model_len)
                 progressed[group.request_id] = group
+            advance_grammars(targets, out.token_ids)
             self._num_new_tokens += len(rows)
             for group in progressed.values():
                 self._retire_finished(group)
