@@ -97,8 +97,8 @@ class OpenAIServing:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
+        params = self._params(body)  # first: its 400s name the field before the template runs
         prompts = [self._chat_prompt(body)]
-        params = self._params(body)
         k = params.logprobs
         job = _Job(self, "chatcmpl", body, params, k)
         await job.start(prompts, body.timeout_s)
