@@ -31,7 +31,7 @@ setup(
     extras_require={
         "serve": SERVE_REQUIRES,
         "bench": BENCH_REQUIRES,
-        "test": SERVE_REQUIRES + BENCH_REQUIRES + ["pytest", "pytest-timeout", "hypothesis", "scipy", "openai", "schemathesis", "lm_eval>=0.4.13", "jsonschema"],
+        "test": SERVE_REQUIRES + BENCH_REQUIRES + ["pytest", "pytest-timeout", "hypothesis", "scipy", "openai", "schemathesis", "lm_eval[api]>=0.4.13", "jsonschema"],
     },
     entry_points={"console_scripts": ["tokenmill=tokenmill.serve.cli:main"]},
 )
