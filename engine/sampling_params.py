@@ -111,7 +111,11 @@ class SamplingParams:
             except (TypeError, ValueError):
                 raise _bad("logit_bias", bias, "a mapping of token id to a number in [-100, 100]") from None
         if isinstance(self.structured_outputs, dict):
-            setf("structured_outputs", StructuredOutputsParams(**self.structured_outputs))
+            try:
+                setf("structured_outputs", StructuredOutputsParams(**self.structured_outputs))
+            except (TypeError, ValueError) as exc:
+                raise _bad("structured_outputs", self.structured_outputs,
+                           f"exactly one of json/regex/choice/grammar/json_object ({exc})") from None
         self._validate()
 
     # ------------------------------------------------------------------ validation

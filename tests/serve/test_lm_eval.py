@@ -51,7 +51,7 @@ def evaluate(model: str, model_args: dict, task_dir: Path) -> dict:
     from lm_eval.tasks import TaskManager
 
     result = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[TASK],
-                                     task_manager=TaskManager(include_path=str(task_dir)), log_samples=True,
+                                     task_manager=TaskManager(include_path=str(task_dir), include_defaults=False), log_samples=True,
                                      batch_size=1)
     return result
 
