@@ -1,6 +1,8 @@
 from setuptools import setup
 
-SERVE_REQUIRES = ["ray[serve]>=2.40", "fastapi", "uvicorn", "pydantic>=2", "prometheus_client", "httpx", "aiohttp"]
+SERVE_REQUIRES = [
+    "ray[serve]>=2.40", "fastapi", "uvicorn", "pydantic>=2", "prometheus_client", "httpx", "aiohttp", "xgrammar>=0.2.9",
+]
 BENCH_REQUIRES = ["matplotlib"]
 LLAMACPP_REQUIRES = ["llama-cpp-python>=0.3"]  # the llama.cpp benchmark backend; builds from source (cmake, C++)
 
@@ -31,7 +33,7 @@ setup(
         "serve": SERVE_REQUIRES,
         "bench": BENCH_REQUIRES,
         "llamacpp": LLAMACPP_REQUIRES,
-        "test": SERVE_REQUIRES + BENCH_REQUIRES + ["pytest", "pytest-timeout", "hypothesis", "scipy", "openai", "schemathesis"],
+        "test": SERVE_REQUIRES + BENCH_REQUIRES + ["pytest", "pytest-timeout", "hypothesis", "scipy", "openai", "schemathesis", "lm_eval[api]>=0.4.13", "jsonschema"],
     },
     entry_points={"console_scripts": ["tokenmill=tokenmill.serve.cli:main"]},
 )

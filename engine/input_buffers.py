@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tokenmill.engine.prompt_logprobs import prompt_logits_indices
 from tokenmill.engine.scheduler import ScheduledBatch
 from tokenmill.engine.sequence import Sequence
 
@@ -179,6 +180,10 @@ class InputBuffers:
         np.take(self.tables.table, rows, axis=0, out=b["block_tables"][:n, :width])
         fill_input_ids(b["input_ids"], seqs, starts_list, batch.num_new_tokens)
         num_sampled = logits_indices(b["logits_indices"], qsl[1 : n + 1], ends, totals)
+        prompt_rows = prompt_logits_indices(batch)  # prompt_logprobs rows, after the sampled ones
+        if prompt_rows:
+            b["logits_indices"][num_sampled : num_sampled + len(prompt_rows)] = prompt_rows
+            num_sampled += len(prompt_rows)
         if pad_to is not None:
             self.pad_decode(n, pad_to)
         rows_copied = max(n, pad_to or 0)

@@ -25,6 +25,7 @@ from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.engine.scheduler import ScheduledBatch, Scheduler, group_max_seqs
 from tokenmill.engine.sequence import SequenceGroup
 from tokenmill.engine.step_update import StepUpdater
+from tokenmill.engine.structured_output import StructuredOutputManager
 from tokenmill.engine.threads import configure_threads
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class LLMEngine:
         self.updater = StepUpdater(
             self.block_manager, self.tokenizer, self.max_model_len, async_scheduling=self.scheduler_config.async_scheduling
         )
+        self.structured = StructuredOutputManager(self.tokenizer, self.vocab_size, self._model_eos_ids())
         capacity = num_blocks * config.cache.block_size
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len=%d: %.2fx",
@@ -265,7 +267,8 @@ class LLMEngine:
             )
         self.updater.prepare_group(group)
         self.requests[request_id] = group
-        self.scheduler.add(group)
+        if not self.structured.hold(group):  # a grammar still compiling: admitted by a later step
+            self.scheduler.add(group)
         self.prompt_tokens_total += len(token_ids)
 
     def _validate_prompt(self, token_ids: list[int]) -> None:
@@ -313,9 +316,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        rejected = self._admit_structured()
         batch = self.scheduler.schedule()
         if batch.is_empty and not self.updater.has_in_flight:
-            return []
+            return rejected
         try:
             logits = None if batch.is_empty else self.runner.run(batch)
             outputs = self.updater.update(batch, logits)
@@ -328,7 +332,19 @@ class LLMEngine:
                 if group is not None:
                     self.scheduler.remove(group)
         self.generation_tokens_total += self.updater.take_num_new_tokens()
-        return outputs
+        return rejected + outputs
+
+    def _admit_structured(self) -> list[RequestOutput]:
+        """Requests whose grammar finished compiling join the scheduler; a failed compile ends its request."""
+        if not self.structured.pending:
+            return []
+        idle = self.scheduler.num_unfinished == 0  # nothing else to run: wait briefly instead of spinning
+        failed = self.structured.admit(self.scheduler, lambda g: g.request_id in self.requests, 0.005 if idle else 0)
+        for group in failed:
+            self.requests.pop(group.request_id, None)
+            for seq in group.seqs:
+                seq.finish_reason = "error"
+        return [request_output(g, finished=True) for g in failed]
 
     def _fail(self, batch: ScheduledBatch, exc: Exception) -> list[RequestOutput]:
         """Fail the batch's requests, and with overlapped steps those whose tokens were in flight."""

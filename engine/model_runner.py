@@ -139,10 +139,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [num_sampled, vocab] (float32) for the sequences that reach their last token."""
+        """Logits [num_sampled, vocab] (float32) for the sequences that reach their last token.
+
+        Requests with prompt_logprobs add rows after those (engine/prompt_logprobs.py)."""
         self.copy_blocks(batch.block_copies)
         shape, bucket = self.prepare_inputs(batch)
-        keep = self.buffers.dev["logits_indices"][: shape.num_sampled]  # [num_sampled]
+        keep = self.buffers.dev["logits_indices"][: shape.num_sampled]  # [num_sampled (+ prompt rows)]
         if bucket is not None:
             logits = self.decode_graphs.run(bucket)  # [bucket, vocab]; padding rows are never kept
             return logits.index_select(0, keep).float()
@@ -151,7 +153,7 @@ class ModelRunner:
         pos = dev["positions"][:t].unsqueeze(0)  # [1, num_tokens]
         ctx = self._eager_context(shape)
         out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, tokenmill_context=ctx)
-        return out.logits[0].float()  # [num_sampled, vocab]
+        return out.logits[0].float()  # [num_sampled (+ prompt rows), vocab]
 
     def profile_run(self, num_tokens: int, max_seq_len: int | None = None) -> None:
         """A forward over `num_tokens` dummy prompt tokens, the largest step the scheduler can make.

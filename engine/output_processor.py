@@ -11,6 +11,7 @@ A request's `SamplingParams.output_kind` says what its outputs hold:
 from __future__ import annotations
 
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.engine.prompt_logprobs import finished_prompt_logprobs
 from tokenmill.engine.sequence import Sequence, SequenceGroup
 
 
@@ -113,4 +114,5 @@ def request_output(group: SequenceGroup, finished: bool) -> RequestOutput:
         finished=finished,
         num_cached_tokens=group.num_cached_tokens,
         error=group.error,
+        prompt_logprobs=finished_prompt_logprobs(group),
     )

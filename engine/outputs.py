@@ -26,6 +26,24 @@ class CompletionOutput:
 
 
 @dataclass
+class PromptLogprobs:
+    """A request's prompt scores so far. Entry 0 (the first prompt token) is None, as in vLLM."""
+
+    # Per prompt token: {token_id: logprob} for the prompt token and the top-k of its position.
+    logprobs: list[dict[int, float] | None]
+    ranks: list[int | None]  # the prompt token's 1-based rank in its position's distribution
+
+    @classmethod
+    def start(cls) -> "PromptLogprobs":
+        return cls([None], [None])
+
+    @property
+    def num_scored(self) -> int:
+        """Prompt tokens scored so far (position p scores token p + 1)."""
+        return len(self.logprobs) - 1
+
+
+@dataclass
 class RequestOutput:
     """The state of one request after an engine step (or at its end)."""
 
@@ -36,4 +54,6 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     error: str | None = None  # set when the request failed inside the engine
+    # SamplingParams.prompt_logprobs: set once the whole prompt is scored (then in every later output).
+    prompt_logprobs: PromptLogprobs | None = None
     metrics: dict[str, float] = field(default_factory=dict)

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Union
 
+from tokenmill.engine.structured_output_params import StructuredOutputsParams
+
 EarlyStopping = Union[bool, str]
 OUTPUT_KINDS = ("cumulative", "delta", "final")
 
@@ -68,6 +70,7 @@ class SamplingParams:
     # Outputs.
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # top-k per prompt position (raw model distribution), vLLM's name
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # What each step's RequestOutput holds (vLLM's RequestOutputKind): "cumulative" everything so far,
@@ -75,6 +78,8 @@ class SamplingParams:
     output_kind: str = "cumulative"
     # False: no text and no stop-string checks in the engine (a front end that detokenizes does both).
     detokenize: bool = True
+    # Constrained decoding (vLLM's name): the output follows a JSON schema, regex, choice or grammar.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # Normalise list-like inputs into hashable tuples (the object stays frozen), checking their
@@ -111,6 +116,12 @@ class SamplingParams:
                 setf("logit_bias", {int(k): float(v) for k, v in bias.items()})
             except (TypeError, ValueError):
                 raise _bad("logit_bias", bias, "a mapping of token id to a number in [-100, 100]") from None
+        if isinstance(self.structured_outputs, dict):
+            try:
+                setf("structured_outputs", StructuredOutputsParams(**self.structured_outputs))
+            except (TypeError, ValueError) as exc:
+                raise _bad("structured_outputs", self.structured_outputs,
+                           f"exactly one of json/regex/choice/grammar/json_object ({exc})") from None
         self._validate()
 
     # ------------------------------------------------------------------ validation
@@ -190,12 +201,19 @@ class SamplingParams:
             raise _bad("output_kind", self.output_kind, ", ".join(map(repr, OUTPUT_KINDS)))
         if not isinstance(self.detokenize, bool):
             raise _bad("detokenize", self.detokenize, "True or False")
+        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= 20):
+            raise _bad("prompt_logprobs", self.prompt_logprobs, "an integer in [0, 20] or None")
         if self.num_return_sequences > 1 and not self.do_sample and self.num_beams == 1:
             raise _bad(
                 "num_return_sequences",
                 self.num_return_sequences,
                 "1 for greedy decoding (set do_sample=True or num_beams >= num_return_sequences)",
             )
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise _bad("structured_outputs", self.structured_outputs, "a StructuredOutputsParams or None")
+            if self.num_beams > 1:
+                raise _bad("num_beams", self.num_beams, "1 with structured_outputs (constrained beam search is not supported)")
         if self.num_beams > 1 and (self.stop or self.presence_penalty or self.frequency_penalty):
             raise _bad("num_beams", self.num_beams, "1 when stop strings or presence/frequency penalties are set")
 
@@ -258,6 +276,7 @@ class SamplingParams:
         if isinstance(kwargs.get("eos_token_id"), list):
             kwargs["eos_token_id"] = tuple(kwargs["eos_token_id"])
         kwargs.pop("logprobs", None)
+        kwargs.pop("prompt_logprobs", None)
         kwargs.update(overrides)
         return cls(**kwargs)
 

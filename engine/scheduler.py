@@ -202,6 +202,8 @@ class Scheduler:
         return None
 
     def _lookup_prefix(self, group: SequenceGroup) -> list[tuple[list[int], list[int]]]:
+        if group.params.prompt_logprobs is not None:  # every prompt position needs its logits
+            return [([], []) for _ in group.seqs]
         return [self.block_manager.find_cached_prefix(s) for s in group.seqs]
 
     def _can_allocate(

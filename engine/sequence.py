@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from tokenmill.engine.outputs import PromptLogprobs
 from tokenmill.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class Sequence:
     pending_row: int = -1
     num_sent_tokens: int = 0  # output tokens handed out in "delta" outputs
     finish_sent: bool = False  # its finish reason has been handed out ("delta" outputs)
+    grammar_matcher: Any = None  # structured outputs: this sequence's xgrammar GrammarMatcher
 
     @property
     def num_tokens(self) -> int:
@@ -117,6 +119,8 @@ class SequenceGroup:
         self.final_outputs: list[Any] | None = None  # beam hypotheses once done
         self.error: str | None = None
         self.released = False  # taken out of the scheduler (finished or aborted): pending work is void
+        self.grammar: Any = None  # structured outputs: a Future of the compiled grammar
+        self.prompt_logprobs = PromptLogprobs.start() if params.prompt_logprobs is not None else None
 
     def new_seq(self, token_ids: list[int], index: int) -> Sequence:
         return Sequence(

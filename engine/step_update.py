@@ -16,9 +16,11 @@ from tokenmill.engine.detokenizer import IncrementalDetokenizer, make_decoder
 from tokenmill.engine.logits_processors import RowInput
 from tokenmill.engine.output_processor import append_token, request_output, wants_output
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.engine.prompt_logprobs import take_prompt_logprobs
 from tokenmill.engine.sampler import SampleRow, Sampler, SamplerOutput, row_seed
 from tokenmill.engine.scheduler import ScheduledBatch
 from tokenmill.engine.sequence import PLACEHOLDER_TOKEN_ID, Sequence, SequenceGroup
+from tokenmill.engine.structured_output import advance_grammars, mask_constrained_rows
 
 
 class StepUpdater:
@@ -90,6 +92,8 @@ class StepUpdater:
         the previous step's sampled tokens are applied (appends, stop checks, outputs), so the
         history is complete before this step's tokens are sampled; those are applied next step.
         """
+        if logits is not None:
+            take_prompt_logprobs(batch, logits)  # rows past the sampled ones; before num_computed_tokens moves
         outputs = self._apply_in_flight()  # overlapped: the previous step's tokens (before new placeholders)
         sampled = self._advance(batch)
         beam_groups = self._sample(sampled, logits)
@@ -124,6 +128,7 @@ class StepUpdater:
                 rows.append(self._sample_row(target, seq.logits_row))
                 targets.append(target)
         if rows:
+            mask_constrained_rows(logits, ((r.logits_index, t.group, t) for r, t in zip(rows, targets)))
             out = self.sampler(logits, rows)
             # The next step's input ids for these sequences come from this tensor (ModelRunner's fill).
             sampled_ids = (
@@ -153,7 +158,11 @@ class StepUpdater:
             if group.released:
                 continue
             seq.token_ids.pop()  # the placeholder
-            if append_token(group, seq, tok, lp, top, max_model_len):
+            done = append_token(group, seq, tok, lp, top, max_model_len)
+            if group.params.structured_outputs is not None:
+                advance_grammars(((group, seq),), (tok,))  # a finished grammar ends the sequence
+                done = done or seq.finish_reason is not None
+            if done:
                 finished.append(group)
             progressed[group.request_id] = group
             num_applied += 1

@@ -18,9 +18,19 @@ from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.serve.disconnect import ClientDisconnected, SSEResponse, run_unless_disconnected
 from tokenmill.serve.errors import APIError, sse_error
-from tokenmill.serve.formatting import StreamTracker, TokenText, chat_logprobs, completion_logprobs, usage_of
+from tokenmill.serve.formatting import (
+    StreamTracker,
+    TokenText,
+    chat_logprobs,
+    completion_logprobs,
+    echo_logprobs,
+    join_logprobs,
+    prompt_only,
+    usage_of,
+    vllm_prompt_logprobs,
+)
 from tokenmill.serve.metrics import RequestTimer, ServerMetrics
-from tokenmill.serve.params import to_sampling_params
+from tokenmill.serve.params import is_prompt_only, to_sampling_params
 from tokenmill.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -38,6 +48,14 @@ class _Prompt:
     text: str  # for echo
 
 
+# apply_chat_template's own arguments: chat_template_kwargs may not override them.
+_TEMPLATE_ARGUMENTS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+
+
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, *, model_name: str, metrics: ServerMetrics) -> None:
         self.engine = engine
@@ -49,26 +67,29 @@ class OpenAIServing:
     # ------------------------------------------------------------------ endpoints
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "Invalid value for 'echo': echo with logprobs is not supported.", param="echo")
         prompts = self._completion_prompts(body.prompt)
         params = self._params(body)
-        job = _Job(self, "cmpl", body.n, params, body.logprobs)
+        job = _Job(self, "cmpl", body, params, body.logprobs)
         await job.start(prompts, body.timeout_s)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return SSEResponse(job.sse(lambda d, tt: self._completion_chunk(job, body, prompts, d, tt), include_usage))
+            return SSEResponse(job.sse(lambda d, tt: self._completion_chunk(job, body, prompts, d, tt)))
         finals = await job.collect(request)
-        tt = TokenText(self.tokenizer)
+        tt = job.token_text()
         choices = []
         for i, final in enumerate(finals):
             echo = prompts[i].text if body.echo else ""
+            scored = vllm_prompt_logprobs(final.prompt_token_ids, final.prompt_logprobs, tt) \
+                if body.prompt_logprobs is not None else None
             for out in final.outputs:
                 logprobs = None
                 if body.logprobs is not None:
                     logprobs = completion_logprobs(out, 0, len(out.token_ids), body.logprobs, tt, len(echo))
+                    if body.echo:
+                        logprobs = join_logprobs(echo_logprobs(final.prompt_token_ids, final.prompt_logprobs,
+                                                               body.logprobs, tt), logprobs)
                 choices.append(CompletionChoice(index=i * body.n + out.index, text=echo + out.text,
-                                                logprobs=logprobs, finish_reason=out.finish_reason))
+                                                logprobs=logprobs, finish_reason=out.finish_reason,
+                                                prompt_logprobs=scored))
         choices.sort(key=lambda c: c.index)
         response = CompletionResponse(id=job.id, created=job.created, model=self.model_name, choices=choices,
                                       usage=usage_of(finals))
@@ -76,17 +97,16 @@ class OpenAIServing:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
+        params = self._params(body)  # first: its 400s name the field before the template runs
         prompts = [self._chat_prompt(body)]
-        params = self._params(body)
         k = params.logprobs
-        job = _Job(self, "chatcmpl", body.n, params, k)
+        job = _Job(self, "chatcmpl", body, params, k)
         await job.start(prompts, body.timeout_s)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return SSEResponse(job.sse(lambda d, tt: self._chat_chunk(job, d, tt), include_usage,
-                                       first=self._chat_first_chunk(job)))
+            return SSEResponse(job.sse(lambda d, tt: self._chat_chunk(job, d, tt), first=self._chat_first_chunk(job),
+                                       num_prompt_tokens=len(prompts[0].engine_input)))
         finals = await job.collect(request)
-        tt = TokenText(self.tokenizer)
+        tt = job.token_text()
         choices = [
             ChatChoice(index=out.index, message=AssistantMessage(content=out.text),
                        logprobs=chat_logprobs(out, 0, len(out.token_ids), k, tt) if k is not None else None,
@@ -94,8 +114,10 @@ class OpenAIServing:
             for out in finals[0].outputs
         ]
         choices.sort(key=lambda c: c.index)
+        scored = vllm_prompt_logprobs(finals[0].prompt_token_ids, finals[0].prompt_logprobs, tt) \
+            if body.prompt_logprobs is not None else None
         response = ChatCompletionResponse(id=job.id, created=job.created, model=self.model_name, choices=choices,
-                                          usage=usage_of(finals))
+                                          usage=usage_of(finals), prompt_logprobs=scored)
         return JSONResponse(response.model_dump())
 
     # ------------------------------------------------------------------ request preparation
@@ -135,9 +157,16 @@ class OpenAIServing:
             raise APIError(400, f"The model '{self.model_name}' has no chat template; use /v1/completions.",
                            param="messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        extra = dict(body.chat_template_kwargs or {})
+        reserved = sorted(set(extra) & _TEMPLATE_ARGUMENTS)
+        if reserved:
+            raise APIError(400, f"Invalid value for 'chat_template_kwargs': {reserved} are set by the request itself "
+                                f"(use the request fields); allowed other template variables.",
+                           param="chat_template_kwargs")
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=body.add_generation_prompt)
+                                                      add_generation_prompt=body.add_generation_prompt,
+                                                      continue_final_message=body.continue_final_message, **extra)
         except Exception as exc:  # noqa: BLE001 - template errors are the client's (role order, ...)
             raise APIError(400, f"Invalid value for 'messages': the chat template rejected them: {exc}",
                            param="messages") from exc
@@ -150,13 +179,18 @@ class OpenAIServing:
         choices = []
         for d in deltas:
             echo = ""
-            if body.echo and d.token_start == 0 and job.first_delta(d.index):
+            first = body.echo and d.token_start == 0 and job.first_delta(d.index)
+            if first:
                 echo = prompts[d.index // body.n].text
             logprobs = None
             if body.logprobs is not None:
-                offset = len(d.output.text) - len(d.text)
-                logprobs = completion_logprobs(d.output, d.token_start, d.token_stop, body.logprobs, tt,
-                                               offset).model_dump()
+                offset = len(echo) + len(d.output.text) - len(d.text)
+                part = completion_logprobs(d.output, d.token_start, d.token_stop, body.logprobs, tt, offset)
+                if first:
+                    final = job.latest[d.index // body.n]
+                    part = join_logprobs(echo_logprobs(final.prompt_token_ids, final.prompt_logprobs, body.logprobs,
+                                                       tt), part)
+                logprobs = part.model_dump()
             choices.append({"index": d.index, "text": echo + d.text, "logprobs": logprobs,
                             "finish_reason": d.finish_reason})
         return {"id": job.id, "object": "text_completion", "created": job.created, "model": self.model_name,
@@ -186,12 +220,15 @@ class OpenAIServing:
 class _Job:
     """The engine requests of one API call (one per prompt) and their metrics."""
 
-    def __init__(self, serving: OpenAIServing, prefix: str, n: int, params: SamplingParams,
+    def __init__(self, serving: OpenAIServing, prefix: str, body: Any, params: SamplingParams,
                  logprobs: int | None) -> None:
         self.serving = serving
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.n = n
+        self.body = body
+        self.n = body.n
+        self.prompt_only = is_prompt_only(body)
+        self.latest: dict[int, RequestOutput] = {}  # prompt index -> its newest output
         self.params = params
         self.logprobs = logprobs
         self.streams: list[RequestStream] = []
@@ -221,6 +258,9 @@ class _Job:
         for timer in self.timers:
             timer.finish("abort")
 
+    def token_text(self) -> TokenText:
+        return TokenText(self.serving.tokenizer, as_ids=self.body.return_tokens_as_token_ids)
+
     def first_delta(self, index: int) -> bool:
         if index in self._echoed:
             return False
@@ -231,6 +271,9 @@ class _Job:
         """(prompt index, output) from all streams as they come; errors become APIError."""
         try:
             async for i, output in _merge(self.streams):
+                if self.prompt_only:
+                    output = prompt_only(output)
+                self.latest[i] = output
                 self.timers[i].on_output(output)
                 if output.error is not None or any(o.finish_reason == "error" for o in output.outputs):
                     self.timers[i].finish("error")
@@ -264,19 +307,32 @@ class _Job:
             self.abort()
             raise APIError(499, "The client closed the connection.", code="client_closed_request") from None
 
-    async def sse(self, make_chunk: Any, include_usage: bool, first: dict[str, Any] | None = None
+    async def sse(self, make_chunk: Any, first: dict[str, Any] | None = None, num_prompt_tokens: int = 0
                   ) -> AsyncIterator[str]:
+        options = self.body.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous = include_usage and bool(options.continuous_usage_stats)
         tracker = StreamTracker(self.n)
-        tt = TokenText(self.serving.tokenizer)
+        tt = self.token_text()
         finals: dict[int, RequestOutput] = {}
-        extra = {"usage": None} if include_usage else {}
+
+        def extra() -> dict[str, Any]:
+            if not include_usage:
+                return {}
+            if not continuous:
+                return {"usage": None}
+            if not self.latest:
+                return {"usage": {"prompt_tokens": num_prompt_tokens, "completion_tokens": 0,
+                                  "total_tokens": num_prompt_tokens}}
+            return {"usage": usage_of([self.latest[i] for i in sorted(self.latest)]).model_dump()}
+
         try:
             if first is not None:
-                yield _sse({**first, **extra})
+                yield _sse({**first, **extra()})
             async for i, output in self.outputs():
                 deltas = tracker.deltas(i, output)
                 if deltas:
-                    yield _sse({**make_chunk(deltas, tt), **extra})
+                    yield _sse({**make_chunk(deltas, tt), **extra()})
                 if output.finished:
                     finals[i] = output
             if include_usage:

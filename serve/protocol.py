@@ -8,7 +8,7 @@ exist) are accepted at the top level of the body, which is where the `openai` cl
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,6 +21,29 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="vLLM: usage in every chunk (with include_usage).")
+
+
+class JSONSchemaFormat(_Request):
+    name: str = Field("response", max_length=256)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs`: exactly one constraint."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class _SamplingFields(_Request):
@@ -28,7 +51,8 @@ class _SamplingFields(_Request):
 
     model: str | None = Field(None, description="Model id from /v1/models (default: the served model).")
     max_tokens: int | None = Field(
-        None, ge=1, le=MAX_INT32, description="Tokens to generate at most (default: up to the context)."
+        None, ge=0, le=MAX_INT32,
+        description="Tokens to generate at most (default: up to the context); 0 only with echo (prompt scoring).",
     )
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1.0 (0 off beam search).")
     top_p: float | None = Field(None, gt=0, le=1)
@@ -56,6 +80,17 @@ class _SamplingFields(_Request):
     do_sample: bool | None = Field(None, description="Overrides the choice made from temperature / num_beams.")
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # vLLM's extensions (serve/extensions.py lists them with their semantics).
+    spaces_between_special_tokens: bool = True
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    return_tokens_as_token_ids: bool = False
+    priority: int = 0
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     timeout_s: float | None = Field(
         None, gt=0, le=86400, description="Abort the request after this many seconds (at most the server's limit)."
     )
@@ -93,6 +128,8 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------- responses
@@ -113,11 +150,20 @@ class CompletionLogprobs(_Response):
     text_offset: list[int]
 
 
+class PromptLogprob(_Response):
+    """vLLM's prompt_logprobs entry."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(_Response):
@@ -165,6 +211,7 @@ class ChatCompletionResponse(_Response):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class DeltaMessage(_Response):

@@ -59,6 +59,8 @@ VALID_OR_NEAR: dict[str, st.SearchStrategy] = {
     "ignore_eos": st.booleans(),
     "seed": st.one_of(st.none(), st.integers(-1, 2**64)),
     "logprobs": st.one_of(st.none(), st.integers(-1, 25)),
+    "prompt_logprobs": st.one_of(st.none(), st.integers(-1, 25)),
+    "structured_outputs": st.one_of(st.none(), st.just({"regex": "[ab]+"}), st.just({"choice": []}), st.just({"json": {"type": "integer"}, "regex": "x"})),
     "skip_special_tokens": st.booleans(),
     "include_stop_str_in_output": st.booleans(),
     "output_kind": st.sampled_from(["cumulative", "delta", "final", "stream", ""]),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -97,3 +99,41 @@ def test_unknown_and_out_of_range_fields_are_rejected_by_the_schema():
         CompletionRequest(prompt="x", top_p=float("nan"))
     with pytest.raises(ValidationError):
         ChatCompletionRequest(messages=[{"role": "user", "content": "x", "color": "red"}])
+
+
+def test_vllm_prompt_scoring_fields():
+    assert completion(echo=True, logprobs=3).prompt_logprobs == 3
+    assert completion(echo=True, logprobs=1, prompt_logprobs=5).prompt_logprobs == 5
+    assert completion(logprobs=2).prompt_logprobs is None  # no echo: generated tokens only
+    assert completion(echo=True, max_tokens=0).max_new_tokens == 1  # drawn, then dropped by the API
+    for bad in (dict(max_tokens=0), dict(priority=1), dict(prompt_logprobs=1, stream=True),
+                dict(stream=True, stream_options={"continuous_usage_stats": True})):
+        with pytest.raises(APIError) as err:
+            completion(**bad)
+        assert err.value.status == 400 and err.value.param.split(".")[0] in bad
+    with pytest.raises(APIError) as err:
+        chat(max_tokens=0)
+    assert err.value.param == "max_tokens"
+
+
+def test_structured_output_forms_map_to_one_spec():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    forms = [
+        dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}),
+        dict(structured_outputs={"json": schema}),
+        dict(guided_json=schema),
+        dict(guided_json=json.dumps(schema)),
+    ]
+    specs = [chat(**f).structured_outputs for f in forms]
+    assert len({s.key for s in specs}) == 1 and specs[0].json == schema
+    assert chat(response_format={"type": "json_object"}).structured_outputs.kind == "json_object"
+    assert chat(response_format={"type": "text"}).structured_outputs is None
+    assert chat(guided_choice=["a", "b"]).structured_outputs.choice == ("a", "b")
+    assert chat(guided_regex="[0-9]+").structured_outputs.regex == "[0-9]+"
+    assert chat(structured_outputs={"grammar": 'root ::= "x"'}).structured_outputs.kind == "grammar"
+    for bad, param in ((dict(guided_regex="(("), "guided_regex"), (dict(guided_choice=[]), "guided_choice"),
+                       (dict(guided_regex="a", response_format={"type": "json_object"}), "response_format"),
+                       (dict(guided_choice=["a"], num_beams=2), "num_beams")):
+        with pytest.raises(APIError) as err:
+            chat(**bad)
+        assert err.value.param == param, (bad, err.value.param)
