@@ -76,7 +76,7 @@ class OpenAIServing:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
-        prompts = [self._chat_prompt(body)]
+        prompts = [await self._chat_prompt(body)]
         params = self._params(body)
         k = params.logprobs
         job = _Job(self, "chatcmpl", body.n, params, k)
@@ -130,7 +130,7 @@ class OpenAIServing:
             prompts.append(_Prompt(list(item), self.tokenizer.decode(item)))
         return prompts
 
-    def _chat_prompt(self, body: ChatCompletionRequest) -> _Prompt:
+    async def _chat_prompt(self, body: ChatCompletionRequest) -> _Prompt:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, f"The model '{self.model_name}' has no chat template; use /v1/completions.",
                            param="messages")
@@ -141,8 +141,11 @@ class OpenAIServing:
         except Exception as exc:  # noqa: BLE001 - template errors are the client's (role order, ...)
             raise APIError(400, f"Invalid value for 'messages': the chat template rejected them: {exc}",
                            param="messages") from exc
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return _Prompt(list(ids), text)
+        try:  # in the engine's tokenizer pool; a prompt past the context fails early
+            ids = await self.engine.encode(text, add_special_tokens=False)
+        except ValueError as exc:
+            raise APIError(400, f"Invalid value for 'messages': {exc}", param="messages") from exc
+        return _Prompt(ids, text)
 
     # ------------------------------------------------------------------ chunks
     def _completion_chunk(self, job: "_Job", body: CompletionRequest, prompts: list[_Prompt], deltas: list,
