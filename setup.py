@@ -1,6 +1,6 @@
 from setuptools import setup
 
-SERVE_REQUIRES = ["ray[serve]>=2.40", "fastapi", "uvicorn", "pydantic>=2", "prometheus_client", "httpx", "aiohttp"]
+SERVE_REQUIRES = ["ray[serve]>=2.40", "fastapi", "uvicorn", "pydantic>=2", "prometheus_client", "httpx", "aiohttp", "pyzmq", "msgpack", "psutil"]
 BENCH_REQUIRES = ["matplotlib"]
 
 setup(

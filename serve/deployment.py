@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import time
@@ -187,9 +188,17 @@ def build_application(config: ServeConfig) -> Any:
     return LLMServer.options(**options).bind(config, cores)
 
 
-def start(config: ServeConfig) -> str:
-    """Start a fresh local Ray instance and the app; returns the base URL once every replica is ready."""
+def start(config: ServeConfig, *, handle_signals: bool = False) -> str:
+    """Start a fresh local Ray instance and the app; returns the base URL once every replica is ready.
+
+    With `handle_signals`, SIGTERM (and SIGINT when a shell ignored it) raise KeyboardInterrupt in
+    the main thread from the moment Ray is up (ray.init installs handlers of its own).
+    """
     ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=False, log_to_driver=True)
+    if handle_signals:
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` stops as cleanly as Ctrl-C
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background by a shell
+            signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_application(config), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{config.host}:{config.port}"
@@ -221,29 +230,56 @@ def _shutdown_serve(timeout_s: float) -> None:
 
 
 def run_server(config: ServeConfig, *, on_ready: Callable[[str], None] | None = None, block: bool = True) -> str:
-    """Serve until Ctrl-C (when `block`), then shut Serve and Ray down cleanly."""
+    """Serve until Ctrl-C or SIGTERM (when `block`), then stop Serve and Ray within STOP_TIMEOUT_S."""
+    handle_signals = block and threading.current_thread() is threading.main_thread()
     try:
-        url = start(config)
-    except BaseException:
-        stop()
-        raise
-    if on_ready is not None:
-        on_ready(url)
-    if not block:
-        return url
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` stops as cleanly as Ctrl-C
-        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background by a shell
-            signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
-    try:
+        url = start(config, handle_signals=handle_signals)
+        if on_ready is not None:
+            on_ready(url)
+        if not block:
+            return url
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         logger.info("shutting down Serve and Ray")
-    finally:
-        stop()
-    logger.info("stopped")
-    return url
+        stop_within(STOP_TIMEOUT_S)
+        logger.info("stopped")
+        # Everything Ray started is gone; its exit hooks would still spend seconds on it: exit now.
+        logging.shutdown()
+        os._exit(0)
+    except BaseException:
+        stop_within(STOP_TIMEOUT_S)
+        raise
+
+
+STOP_TIMEOUT_S = 7.0
+
+
+def stop_within(timeout_s: float) -> bool:
+    """Stop Serve and Ray gracefully if that fits in `timeout_s`, then end whatever Ray started that is left.
+
+    The processes to end are this process's descendants when the stop begins: Ray's node processes
+    and the workers they started (engine cores, API replicas, proxy, controller). Stopping the
+    whole process group signals them too, and some then never answer a graceful stop.
+    Returns True when the graceful stop finished on its own.
+    """
+    import psutil
+
+    started = time.monotonic()
+    processes = psutil.Process().children(recursive=True)
+    graceful = threading.Thread(target=stop, kwargs={"timeout_s": max(timeout_s / 3, 1.0)}, daemon=True)
+    graceful.start()
+    graceful.join(max(timeout_s - 2.0, 1.0))
+    left = [p for p in processes if p.is_running()]
+    for process in left:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(left, timeout=max(timeout_s - (time.monotonic() - started), 1.0))
+    if left:
+        logger.info("ended %d Ray processes that outlived the graceful stop", len(left))
+    return not graceful.is_alive() and not left
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
