@@ -103,8 +103,9 @@ class EngineCore:
                 if self.engine.has_unfinished_requests():
                     self._route(self.engine.step(), replies)
                     changed = True
-                if changed:
-                    self._send(replies)
+                while changed:  # a client found gone had its requests aborted: tell the others
+                    changed = self._send(replies)
+                    replies = defaultdict(_Reply)
             reason = "the engine core was shut down"
         except BaseException as exc:  # noqa: BLE001 - any fault ends the loop; clients must be told
             logger.exception("engine core loop died")
@@ -173,12 +174,16 @@ class EngineCore:
             if output.finished:
                 del self._owner[rid], self._num_sent[rid]
 
-    def _send(self, replies: dict[bytes, _Reply]) -> None:
+    def _send(self, replies: dict[bytes, _Reply]) -> bool:
+        """Send every client its reply and the stats; True if a client was found gone (and dropped)."""
         stats = asdict(self.engine.get_stats())
+        dropped = False
         for client in list(self._clients):
             reply = replies.get(client) or _Reply()
             if not self._send_to(client, ["step", reply.outputs, reply.accepted, reply.rejected, stats]):
                 self._drop_client(client)
+                dropped = True
+        return dropped
 
     def _send_to(self, client: bytes, message: list[Any]) -> bool:
         """False when the client is gone."""
@@ -190,3 +195,33 @@ class EngineCore:
             logger.warning("engine core: a client disconnected; aborting its requests")
             return False
         return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tokenmill.serve.engine_core [--bind ADDR] [engine flags]`: one engine core in this process.
+
+    Prints its address once it listens, then runs until SIGTERM/SIGINT.
+    """
+    import argparse
+    import signal
+
+    from tokenmill.engine.llm_engine import LLMEngine
+    from tokenmill.serve.cli_args import add_engine_args, engine_kwargs
+
+    parser = argparse.ArgumentParser(prog="python -m tokenmill.serve.engine_core")
+    parser.add_argument("model", nargs="?", default=None)
+    parser.add_argument("--bind", default="tcp://127.0.0.1:*", help="ZMQ address to listen on (default: a free port)")
+    add_engine_args(parser)
+    args = parser.parse_args(argv)
+    core = EngineCore(LLMEngine.from_args(args.model, **engine_kwargs(args)), bind=args.bind).start()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    print(core.address, flush=True)
+    while not stop.is_set() and core.is_alive:
+        stop.wait(0.5)
+    core.shutdown()
+
+
+if __name__ == "__main__":
+    main()
