@@ -10,6 +10,7 @@ fewest requests in flight.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -107,6 +108,9 @@ class EngineCoreServer:
     def address(self) -> tuple[str, str]:
         """(ZMQ address, core id): a new core has a new id."""
         return self.core.address, self.core.core_id
+
+    def stats(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.core.engine.get_stats())
 
     def check_health(self) -> None:
         if not self.core.is_alive:
