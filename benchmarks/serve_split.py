@@ -30,11 +30,14 @@ import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKLOAD = ["--num-prompts", "64", "--min-prompt-len", "32", "--max-prompt-len", "128", "--output-len", "64",
-            "--ignore-eos", "--temperature", "0"]
 
 
-def offline(threads: int) -> dict:
+def workload(args: argparse.Namespace) -> list[str]:
+    return ["--num-prompts", str(args.num_prompts), "--min-prompt-len", "32", "--max-prompt-len", "128",
+            "--output-len", str(args.output_len), "--ignore-eos", "--temperature", "0"]
+
+
+def offline(threads: int, num_prompts: int, output_len: int) -> dict:
     import torch
 
     from tokenmill.bench.workload import LengthRange, random_text_workload
@@ -42,16 +45,17 @@ def offline(threads: int) -> dict:
     from tokenmill.engine.sampling_params import SamplingParams
 
     torch.set_num_threads(threads)
-    requests = random_text_workload(64, LengthRange(32, 128), LengthRange(64, 64), seed=0)
+    requests = random_text_workload(num_prompts, LengthRange(32, 128), LengthRange(output_len, output_len), seed=0)
     prompts = [r.prompt_text for r in requests]
     llm = LLM(max_num_seqs=64, device="cpu")
-    params = SamplingParams(max_new_tokens=64, do_sample=False, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=output_len, do_sample=False, ignore_eos=True)
     llm.generate(prompts[:1], params, use_tqdm=False)
     cpu, wall = time.process_time(), time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"output_tokens": tokens, "wall_s": wall, "cpu_s": cpu, "output_tok_s": tokens / wall}
+    return {"output_tokens": tokens, "wall_s": wall, "cpu_s": cpu, "output_tok_s": tokens / wall,
+            "output_tok_per_cpu_s": tokens / cpu}
 
 
 def session_cpu_s(sid: int) -> float:
@@ -66,10 +70,10 @@ def session_cpu_s(sid: int) -> float:
     return total
 
 
-def bench_serve(url: str, out: Path, big_prompt_after_s: float | None) -> dict:
+def bench_serve(url: str, out: Path, big_prompt_after_s: float | None, load: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "tokenmill.serve.cli", "bench", "serve", "--base-url", url,
-               "--max-concurrency", "64", *WORKLOAD, "--json", str(out)]
+               "--max-concurrency", "64", *load, "--json", str(out)]
     big: dict = {}
 
     def post_big() -> None:
@@ -88,11 +92,12 @@ def bench_serve(url: str, out: Path, big_prompt_after_s: float | None) -> dict:
         thread.join(120)
     run = json.loads(out.read_text())["runs"][0]
     return {"output_tok_s": run["output_throughput"], "duration_s": run["duration_s"],
+            "output_tokens": run["total_output_tokens"],
             "itl_p99_ms": run["itl"]["p99_ms"], "itl_median_ms": run["itl"]["median_ms"],
             "ttft_median_ms": run["ttft"]["median_ms"], "failed": run["failed"], "big_prompt": big or None}
 
 
-def served(threads: int, port: int, tmp: Path) -> dict:
+def served(threads: int, port: int, tmp: Path, load: list[str], big_after_s: float) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(tmp / "r")}
     command = [sys.executable, "-m", "tokenmill.serve.cli", "serve", "--port", str(port), "--max-num-seqs", "64",
                "--num-cpus-per-replica", str(threads), "--ray-num-cpus", str(threads + 2), "--device", "cpu",
@@ -112,10 +117,11 @@ def served(threads: int, port: int, tmp: Path) -> dict:
                 pass
             time.sleep(1)
         results = {}
-        for name, big_after in (("plain", None), ("with_5mb_prompt", 5.0)):
+        for name, big_after in (("plain", None), ("with_5mb_prompt", big_after_s)):
             cpu = session_cpu_s(server.pid)
-            results[name] = bench_serve(url, tmp / f"{name}.json", big_after)
+            results[name] = bench_serve(url, tmp / f"{name}.json", big_after, load)
             results[name]["server_cpu_s"] = session_cpu_s(server.pid) - cpu
+            results[name]["output_tok_per_cpu_s"] = results[name]["output_tokens"] / results[name]["server_cpu_s"]
         return results
     finally:
         server.send_signal(signal.SIGTERM)
@@ -126,18 +132,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch threads offline and in the engine core")
     parser.add_argument("--port", type=int, default=8791)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--big-prompt-after-s", type=float, default=5.0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tmsplit", dir="/tmp"))
-    report = {"offline": offline(args.threads)}
+    report = {"args": vars(args), "offline": offline(args.threads, args.num_prompts, args.output_len)}
     print("offline:", report["offline"], flush=True)
-    report["served"] = served(args.threads, args.port, tmp)
+    report["served"] = served(args.threads, args.port, tmp, workload(args), args.big_prompt_after_s)
     for name, run in report["served"].items():
         print(f"served {name}:", run, flush=True)
     plain = report["served"]["plain"]
     report["served_over_offline"] = plain["output_tok_s"] / report["offline"]["output_tok_s"]
+    report["served_over_offline_per_cpu_s"] = plain["output_tok_per_cpu_s"] / report["offline"]["output_tok_per_cpu_s"]
     report["itl_p99_added_ms"] = report["served"]["with_5mb_prompt"]["itl_p99_ms"] - plain["itl_p99_ms"]
-    print(f"served / offline output tok/s: {report['served_over_offline']:.3f}; "
+    print(f"served / offline output tok/s: {report['served_over_offline']:.3f} (per CPU second: "
+          f"{report['served_over_offline_per_cpu_s']:.3f}); "
           f"5 MB prompt adds {report['itl_p99_added_ms']:.1f} ms to p99 ITL", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

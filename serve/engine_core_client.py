@@ -70,7 +70,8 @@ class CoreConnection:
         self._states: dict[str, tuple[RequestState, Stream]] = {}  # owned by the I/O thread
         self._pending_adds: dict[str, tuple[RequestState, Stream, Callable[[BaseException | None], None]]] = {}
         self._lock = threading.Lock()  # orders "is dead?" checks against the connection's death
-        self.num_in_flight = 0  # read by routing; approximate across threads
+        self._num_added = 0  # requests handed to this connection (callers, under _lock)
+        self._num_ended = 0  # of them, ended: answered, rejected, aborted, expired or lost (the I/O thread)
         self._thread = threading.Thread(target=self._run, name="tokenmill-core-client", daemon=True)
         self._thread.start()
 
@@ -87,12 +88,17 @@ class CoreConnection:
 
     # ------------------------------------------------------------------ callers
     @property
+    def num_in_flight(self) -> int:
+        """Requests added and not ended yet (what routing balances)."""
+        return self._num_added - self._num_ended
+
+    @property
     def is_alive(self) -> bool:
         return self.dead_reason is None and self._thread.is_alive()
 
     def add(self, state: RequestState, stream: Stream, done: Callable[[BaseException | None], None]) -> None:
         """Send a request; `done(error or None)` is called from the I/O thread once the core answers."""
-        self._submit(("add", state, stream, done))
+        self._submit(("add", state, stream, done), counts=True)
 
     def abort(self, request_id: str) -> None:
         try:
@@ -107,10 +113,11 @@ class CoreConnection:
             return
         self._thread.join(10)
 
-    def _submit(self, command: tuple[Any, ...]) -> None:
+    def _submit(self, command: tuple[Any, ...], counts: bool = False) -> None:
         with self._lock:
             if self.dead_reason is not None:
                 raise EngineDeadError(f"the engine is not running: {self.dead_reason}")
+            self._num_added += counts
             self._commands.put(command)
         try:
             os.write(self._wake_w, b"x")
@@ -161,6 +168,7 @@ class CoreConnection:
                 _, state, stream, done = command
                 rid = state.request_id
                 if rid in self._states or rid in self._pending_adds:
+                    self._num_ended += 1
                     done(ValueError(f"request_id={rid!r} is invalid: a request with this id is running"))
                     continue
                 self._pending_adds[rid] = (state, stream, done)
@@ -170,10 +178,11 @@ class CoreConnection:
                 rid = command[1]
                 pending = self._pending_adds.pop(rid, None)
                 if pending is not None:  # aborted before the core answered the add: it may still accept it
+                    self._num_ended += 1
                     pending[2](RuntimeError(f"request {rid} was aborted"))
                     self.socket.send(pack(["abort", [rid]]))
                 elif self._states.pop(rid, None) is not None:
-                    self.num_in_flight -= 1
+                    self._num_ended += 1
                     self.socket.send(pack(["abort", [rid]]))
             elif kind == "close":
                 return command[1]
@@ -197,11 +206,11 @@ class CoreConnection:
             if pending is not None:
                 state, stream, done = pending
                 self._states[rid] = (state, stream)
-                self.num_in_flight += 1
                 done(None)
         for rid, kind, text in rejected:
             pending = self._pending_adds.pop(rid, None)
             if pending is not None:
+                self._num_ended += 1
                 error = {"queue_full": QueueFullError, "value": ValueError}.get(kind, RuntimeError)(text)
                 pending[2](error)
         ended: list[str] = []
@@ -212,7 +221,7 @@ class CoreConnection:
             state, stream = entry
             if state.update(finished, error, num_cached, sequences):
                 del self._states[rid]
-                self.num_in_flight -= 1
+                self._num_ended += 1
                 if not finished:
                     ended.append(rid)  # a stop string ended it here: stop the core working on it
             if state.should_emit():
@@ -234,7 +243,7 @@ class CoreConnection:
         expired = [rid for rid, (_, s) in self._states.items() if s.deadline is not None and now > s.deadline]
         for rid in expired:
             _, stream = self._states.pop(rid)
-            self.num_in_flight -= 1
+            self._num_ended += 1
             deliveries.setdefault(stream.loop, []).append(
                 (stream, RequestTimeoutError(f"request {rid} ran past its time limit and was aborted")))
         if expired:
@@ -256,14 +265,15 @@ class CoreConnection:
             except queue.Empty:
                 break
             if command[0] == "add":
+                self._num_ended += 1
                 command[3](error)
+        self._num_ended += len(self._pending_adds) + len(self._states)
         for _, _, done in self._pending_adds.values():
             done(error)
         for _, stream in self._states.values():
             deliveries.setdefault(stream.loop, []).append((stream, error))
         self._pending_adds.clear()
         self._states.clear()
-        self.num_in_flight = 0
         self._deliver(deliveries)
         self.socket.close()
         self.monitor.close()
