@@ -117,7 +117,7 @@ def served(threads: int, port: int, tmp: Path, load: list[str], big_after_s: flo
                 pass
             time.sleep(1)
         results = {}
-        for name, big_after in (("plain", None), ("with_5mb_prompt", big_after_s)):
+        for name, big_after in (("plain", None), ("with_5mb_prompt", big_after_s), ("plain_again", None)):
             cpu = session_cpu_s(server.pid)
             results[name] = bench_serve(url, tmp / f"{name}.json", big_after, load)
             results[name]["server_cpu_s"] = session_cpu_s(server.pid) - cpu
@@ -146,7 +146,9 @@ def main() -> None:
     plain = report["served"]["plain"]
     report["served_over_offline"] = plain["output_tok_s"] / report["offline"]["output_tok_s"]
     report["served_over_offline_per_cpu_s"] = plain["output_tok_per_cpu_s"] / report["offline"]["output_tok_per_cpu_s"]
-    report["itl_p99_added_ms"] = report["served"]["with_5mb_prompt"]["itl_p99_ms"] - plain["itl_p99_ms"]
+    again = report["served"]["plain_again"]
+    report["itl_p99_added_ms"] = report["served"]["with_5mb_prompt"]["itl_p99_ms"] - min(
+        plain["itl_p99_ms"], again["itl_p99_ms"])
     print(f"served / offline output tok/s: {report['served_over_offline']:.3f} (per CPU second: "
           f"{report['served_over_offline_per_cpu_s']:.3f}); "
           f"5 MB prompt adds {report['itl_p99_added_ms']:.1f} ms to p99 ITL", flush=True)
