@@ -2,6 +2,7 @@ from setuptools import setup
 
 SERVE_REQUIRES = [
     "ray[serve]>=2.40", "fastapi", "uvicorn", "pydantic>=2", "prometheus_client", "httpx", "aiohttp", "xgrammar>=0.2.9",
+    "pyzmq", "msgpack", "psutil",
 ]
 BENCH_REQUIRES = ["matplotlib"]
 LLAMACPP_REQUIRES = ["llama-cpp-python>=0.3"]  # the llama.cpp benchmark backend; builds from source (cmake, C++)

@@ -1,42 +1,52 @@
-"""AsyncLLMEngine: runs `LLMEngine.step()` in a background thread and streams outputs to asyncio callers.
+"""AsyncLLMEngine: the asyncio front of one or more engine cores.
 
-One thread owns the engine. Callers never touch it: they send commands (add, abort, stop)
-through a queue that the thread applies between steps, so engine calls are serialized with
-`step()` without holding a lock across a step. Outputs travel back to each request's
-asyncio queue with `loop.call_soon_threadsafe`.
+The engine core (serve/engine_core.py) runs `LLMEngine.step()` in a loop and speaks token ids
+over ZMQ. This front does the rest on the caller's side: tokenization (in a worker pool, so a
+huge prompt never blocks other requests), early length checks, detokenization and stop strings
+(serve/engine_core_outputs.py), time limits, and per-request async streams.
+
+`AsyncLLMEngine.from_args(...)` starts a core in a thread of this process (one process, as the
+tests and a plain script use it); `AsyncLLMEngine.connect(addresses)` talks to cores running
+elsewhere (their own processes: the Ray Serve layout). Requests go to the live core with the
+fewest requests in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import queue
-import threading
+import concurrent.futures
 import time
 import uuid
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, AsyncIterator, Callable
 
 from tokenmill.engine.errors import EngineDeadError
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.serve.engine_core_client import CoreConnection, RequestTimeoutError
+from tokenmill.serve.engine_core_outputs import RequestState
 
-logger = logging.getLogger(__name__)
-
-
-class RequestTimeoutError(TimeoutError):
-    """A request ran past its time limit; it was aborted and its KV blocks freed."""
+# Past this many characters a prompt is first measured on a prefix: a prompt far over the context
+# is rejected after tokenizing about max_model_len tokens of it, not all of it.
+_PREFIX_CHARS_PER_TOKEN = 8
 
 
 @dataclass(frozen=True)
 class AsyncEngineConfig:
     request_timeout_s: float | None = None  # default limit per request (None: no limit)
+    stream_interval: int = 1  # wake a stream's consumer every this many tokens (and at the end)
+    tokenizer_workers: int = 2  # threads that tokenize prompts
 
     def __post_init__(self) -> None:
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             raise ValueError(
                 f"request_timeout_s={self.request_timeout_s} is invalid: allowed a number > 0 or None"
             )
+        if not isinstance(self.stream_interval, int) or self.stream_interval < 1:
+            raise ValueError(f"stream_interval={self.stream_interval} is invalid: allowed an integer >= 1")
+        if self.tokenizer_workers < 1:
+            raise ValueError(f"tokenizer_workers={self.tokenizer_workers} is invalid: allowed an integer >= 1")
 
 
 class RequestStream:
@@ -44,22 +54,27 @@ class RequestStream:
 
     Outputs are cumulative, so when the consumer is slower than the engine only the newest
     one is returned (nothing is lost). `abort()` (or `aclose()`) stops the request and frees
-    its KV blocks at the next step boundary.
+    its KV blocks at the core's next step boundary.
     """
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, deadline: float | None,
                  abort: Callable[[str], None]) -> None:
         self.request_id = request_id
-        self.deadline = deadline  # time.monotonic() value, read by the loop thread
-        self._loop = loop
+        self.deadline = deadline  # time.monotonic() value, read by the I/O thread
+        self.loop = loop
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._abort = abort
         self._done = False
 
-    # -- loop-thread side
-    def put(self, item: RequestOutput | BaseException) -> None:
+    # -- I/O-thread side: one wake-up of `loop` for all its streams' outputs of a step
+    @staticmethod
+    def put_many(loop: asyncio.AbstractEventLoop, items: list[tuple["RequestStream", Any]]) -> None:
+        def deliver() -> None:
+            for stream, item in items:
+                stream._queue.put_nowait(item)
+
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            loop.call_soon_threadsafe(deliver)
         except RuntimeError:  # the caller's event loop is closed: nobody is listening
             pass
 
@@ -94,92 +109,154 @@ class RequestStream:
         self.abort()
 
 
-@dataclass
-class _Add:
-    stream: RequestStream
-    prompt: str | list[int]
-    params: SamplingParams | None
-    future: asyncio.Future
-
-
 class AsyncLLMEngine:
-    """Asyncio front of one `LLMEngine`; safe to use from one or many event loops."""
+    """Asyncio front of engine cores; safe to use from one or many event loops."""
 
-    def __init__(self, engine: Any, config: AsyncEngineConfig | None = None) -> None:
-        self.engine = engine
+    def __init__(self, cores: list[CoreConnection], config: AsyncEngineConfig | None = None, *,
+                 local_cores: list[Any] | None = None) -> None:
+        if not cores:
+            raise ValueError("cores is empty: allowed at least one engine core connection")
         self.config = config or AsyncEngineConfig()
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._submit_lock = threading.Lock()  # orders "is dead?" checks against the loop's death
-        self._streams: dict[str, RequestStream] = {}  # owned by the loop thread
-        self._dead: BaseException | None = None
-        self._stats = engine.get_stats()
-        self._thread = threading.Thread(target=self._run, name="tokenmill-engine-loop", daemon=True)
-        self._thread.start()
+        self.cores = list(cores)
+        self._local_cores = local_cores or []  # cores running in this process (stopped with it)
+        info = cores[0].info
+        self.tokenizer = info["tokenizer"]
+        self.model_name: str = info["model_name"]
+        self.max_model_len: int = info["max_model_len"]
+        self.vocab_size: int = info["vocab_size"]
+        self.max_num_seqs: int | None = info["max_num_seqs"]
+        self._default_params: SamplingParams = info["default_sampling_params"]
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.config.tokenizer_workers,
+                                                           thread_name_prefix="tokenmill-tokenize")
 
+    # ------------------------------------------------------------------ construction
     @classmethod
     def from_args(cls, model: str | None = None, *, request_timeout_s: float | None = None,
-                  **engine_kwargs: Any) -> "AsyncLLMEngine":
+                  stream_interval: int = 1, **engine_kwargs: Any) -> "AsyncLLMEngine":
+        """An engine core in a thread of this process (transport: ZMQ inproc), and its front."""
         from tokenmill.engine.llm_engine import LLMEngine
+        from tokenmill.serve.engine_core import EngineCore
 
-        config = AsyncEngineConfig(request_timeout_s=request_timeout_s)
-        return cls(LLMEngine.from_args(model, **engine_kwargs), config)
+        config = AsyncEngineConfig(request_timeout_s=request_timeout_s, stream_interval=stream_interval)
+        core = EngineCore(LLMEngine.from_args(model, **engine_kwargs), bind=f"inproc://tokenmill-core-{uuid.uuid4().hex}")
+        core.start()
+        try:
+            connection = CoreConnection(core.address, context=core.context)
+        except BaseException:
+            core.shutdown()
+            raise
+        return cls([connection], config, local_cores=[core])
+
+    @classmethod
+    def connect(cls, addresses: list[str], config: AsyncEngineConfig | None = None) -> "AsyncLLMEngine":
+        """A front for engine cores already running at `addresses` (tcp://host:port)."""
+        connections: list[CoreConnection] = []
+        try:
+            for address in addresses:
+                connections.append(CoreConnection(address))
+        except BaseException:
+            for c in connections:
+                c.close()
+            raise
+        return cls(connections, config)
+
+    def replace_core(self, index: int, address: str) -> None:
+        """Connect to the replacement of a dead core (`index` into `cores`)."""
+        old = self.cores[index]
+        if old.is_alive:
+            raise RuntimeError(f"core {index} at {old.address} is alive: nothing to replace")
+        self.cores[index] = CoreConnection(address)
 
     # ------------------------------------------------------------------ public API
     @property
+    def engine(self) -> Any:
+        """The LLMEngine, when its core runs in this process (tests reach into it); else None."""
+        return self._local_cores[0].engine if self._local_cores else None
+
+    @property
     def is_healthy(self) -> bool:
-        return self._dead is None and self._thread.is_alive()
+        return all(c.is_alive for c in self.cores)
 
     @property
     def dead_reason(self) -> str | None:
-        return None if self._dead is None else repr(self._dead)
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.engine.tokenizer
-
-    @property
-    def model_name(self) -> str:
-        return self.engine.model_name
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        reasons = [c.dead_reason or "its connection stopped" for c in self.cores if not c.is_alive]
+        return "; ".join(reasons) if reasons else None
 
     @property
     def kv_cache_capacity_tokens(self) -> int | None:
-        return getattr(self.engine, "kv_cache_capacity_tokens", None)
-
-    @property
-    def max_num_seqs(self) -> int | None:
-        config = getattr(self.engine, "scheduler_config", None)
-        return getattr(config, "max_num_seqs", None)
+        return sum(c.info["kv_cache_capacity_tokens"] for c in self.cores)
 
     def default_sampling_params(self) -> SamplingParams:
-        return self.engine.default_sampling_params()
+        return self._default_params
 
     def get_stats(self) -> Any:
-        """The engine's stats after the latest step (read without touching the engine)."""
-        return self._stats
+        """The cores' stats after their latest step, summed (kv_cache_usage: the mean)."""
+        stats = [c.stats for c in self.cores]
+        total = {k: sum(s[k] for s in stats) for k in stats[0]}
+        total["kv_cache_usage"] = total["kv_cache_usage"] / len(stats)
+        return SimpleNamespace(**total)
+
+    async def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Tokenize in the worker pool; a prompt longer than the context fails (ValueError) as soon as
+        a prefix of it is known to be too long."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._encode, text, add_special_tokens)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        limit = self.max_model_len
+        prefix_chars = limit * _PREFIX_CHARS_PER_TOKEN
+        if len(text) > prefix_chars:
+            num_prefix_tokens = len(self.tokenizer.encode(text[:prefix_chars], add_special_tokens=False))
+            if num_prefix_tokens > limit + 8:  # cutting the text may merge a few tokens at the cut, never many
+                raise ValueError(f"prompt has more than {limit} tokens ({len(text)} characters; the first "
+                                 f"{prefix_chars} alone are {num_prefix_tokens} tokens): allowed fewer than "
+                                 f"max_model_len ({limit})")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens) if text else []
 
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                           *, timeout_s: float | None = None) -> RequestStream:
-        """Queue a request; raises what `LLMEngine.add_request` raises (ValueError, QueueFullError)."""
+        """Queue a request; raises ValueError (bad prompt or params), QueueFullError, EngineDeadError."""
         loop = asyncio.get_running_loop()
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s={timeout_s} is invalid: allowed a number > 0")
+        params = params or self._default_params
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            token_ids = await self.encode(prompt)
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+        self._check_prompt(token_ids, params)
         # A request may ask for less time than the engine's limit, never more.
         limits = [t for t in (timeout_s, self.config.request_timeout_s) if t is not None]
-        limit = min(limits) if limits else None
-        deadline = None if limit is None else time.monotonic() + limit
-        stream = RequestStream(request_id, loop, deadline, self._abort)
+        deadline = None if not limits else time.monotonic() + min(limits)
+        core = self._pick_core()
+        stream = RequestStream(request_id, loop, deadline, core.abort)
+        state = RequestState(request_id, text, token_ids, params, self.tokenizer, self.config.stream_interval)
         future = loop.create_future()
-        self._submit(_Add(stream, prompt, params, future))
+        core.add(state, stream, lambda error: _resolve(future, error))
         try:
             await future
         except asyncio.CancelledError:
-            self._abort(request_id)  # applied after the add: the queue is FIFO
+            core.abort(request_id)  # applied after the add: the command queue is FIFO
             raise
         return stream
+
+    def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        """The engine's own prompt checks, made before anything is queued."""
+        if not token_ids:
+            raise ValueError("prompt is empty: allowed a non-empty string or list of token ids")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens: allowed fewer than max_model_len "
+                             f"({self.max_model_len})")
+        max_new = params.max_tokens_for(len(token_ids))
+        if max_new is not None and len(token_ids) + max_new > self.max_model_len:
+            raise ValueError(f"prompt ({len(token_ids)} tokens) + max_new_tokens ({max_new}) = "
+                             f"{len(token_ids) + max_new} exceeds max_model_len ({self.max_model_len})")
+
+    def _pick_core(self) -> CoreConnection:
+        live = [c for c in self.cores if c.is_alive]
+        if not live:
+            raise EngineDeadError(f"the engine is not running: {self.dead_reason}")
+        return min(live, key=lambda c: c.num_in_flight)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None, *, timeout_s: float | None = None
@@ -193,109 +270,16 @@ class AsyncLLMEngine:
             stream.abort()
 
     def abort(self, request_id: str) -> None:
-        self._abort(request_id)
+        for core in self.cores:
+            core.abort(request_id)
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Stop the loop; requests still in flight end with EngineDeadError."""
-        try:
-            self._submit(("stop",))
-        except EngineDeadError:
-            return
-        self._thread.join(timeout_s)
-
-    # ------------------------------------------------------------------ caller -> loop
-    def _submit(self, command: Any) -> None:
-        with self._submit_lock:
-            if self._dead is not None:
-                raise EngineDeadError(f"the engine loop is not running: {self._dead!r}")
-            self._commands.put(command)
-
-    def _abort(self, request_id: str) -> None:
-        try:
-            self._submit(("abort", request_id))
-        except EngineDeadError:
-            pass
-
-    # ------------------------------------------------------------------ loop thread
-    def _run(self) -> None:
-        try:
-            while True:
-                idle = not self.engine.has_unfinished_requests()
-                if not self._apply_commands(block=idle):
-                    break
-                self._expire_deadlines()
-                if self.engine.has_unfinished_requests():
-                    self._dispatch(self.engine.step())
-                self._stats = self.engine.get_stats()
-            self._die(EngineDeadError("the engine was shut down"))
-        except BaseException as exc:  # noqa: BLE001 - any fault ends the loop; callers must not hang
-            logger.exception("engine loop died")
-            self._die(exc)
-
-    def _apply_commands(self, block: bool) -> bool:
-        """Apply queued commands; False when asked to stop."""
-        try:
-            command = self._commands.get() if block else self._commands.get_nowait()
-        except queue.Empty:
-            return True
-        while True:
-            if isinstance(command, _Add):
-                self._apply_add(command)
-            elif command[0] == "abort":
-                stream = self._streams.pop(command[1], None)
-                if stream is not None:
-                    self.engine.abort_request(command[1])
-            elif command[0] == "stop":
-                return False
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                self._stats = self.engine.get_stats()
-                return True
-
-    def _apply_add(self, command: _Add) -> None:
-        rid = command.stream.request_id
-        try:
-            if rid in self._streams:
-                raise ValueError(f"request_id={rid!r} is invalid: a request with this id is running")
-            self.engine.add_request(rid, command.prompt, command.params)
-        except Exception as exc:  # noqa: BLE001 - handed to the caller
-            _resolve(command.future, exc)
-            return
-        self._streams[rid] = command.stream
-        _resolve(command.future, None)
-
-    def _expire_deadlines(self) -> None:
-        now = time.monotonic()
-        expired = [s for s in self._streams.values() if s.deadline is not None and now > s.deadline]
-        for stream in expired:
-            del self._streams[stream.request_id]
-            self.engine.abort_request(stream.request_id)
-            stream.put(RequestTimeoutError(f"request {stream.request_id} ran past its time limit and was aborted"))
-
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is None:
-                continue  # aborted meanwhile
-            if output.finished:
-                del self._streams[output.request_id]
-            stream.put(output)
-
-    def _die(self, exc: BaseException) -> None:
-        error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"the engine loop died: {exc!r}")
-        with self._submit_lock:
-            self._dead = error
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(command, _Add):
-                _resolve(command.future, error)
-        for stream in self._streams.values():
-            stream.put(error)
-        self._streams.clear()
+        """Stop the cores started here and the connections; requests in flight end with EngineDeadError."""
+        for core in self._local_cores:
+            core.shutdown(timeout_s)
+        for connection in self.cores:
+            connection.close("the engine was shut down")
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _resolve(future: asyncio.Future, exc: BaseException | None) -> None:

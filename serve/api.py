@@ -10,10 +10,11 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.engine.async_engine import AsyncLLMEngine
-from tokenmill.serve.errors import APIError, error_body, install_error_handlers
+from tokenmill.serve.errors import APIError, error_body, error_response, install_error_handlers
 from tokenmill.serve.generation import OpenAIServing
 from tokenmill.serve.metrics import ServerMetrics
 from tokenmill.serve.protocol import (
@@ -34,6 +35,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "Invalid parameters or unknown fields."),
         (401, "Missing or wrong API key."),
         (404, "Unknown model."),
+        (413, "The request body is larger than the server's limit."),
         (429, "The waiting queue is full."),
         (503, "The engine is not running."),
     )
@@ -61,9 +63,48 @@ class _ReplicaHeader:
         await self.app(scope, receive, send_with_header)
 
 
+class _BodyLimit:
+    """Pure ASGI middleware: a request body past `max_bytes` is a 413, found from Content-Length when
+    the client sends one (before reading any of it), else while it streams in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self, size: str) -> StarletteHTTPException:
+        return StarletteHTTPException(413, f"The request body is too large: {size} bytes; allowed at most "
+                                           f"{self.max_bytes} bytes (the server's --max-request-bytes).")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers", ())).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await error_response(_as_413(self._too_large(length.decode()))).__call__(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large(f"more than {received}")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _as_413(exc: StarletteHTTPException) -> APIError:
+    return APIError(413, str(exc.detail), code="request_too_large")
+
+
 def build_app(engine: AsyncLLMEngine, *, api_key: str | None = None, served_model_name: str | None = None,
-              replica_id: str | None = None) -> FastAPI:
-    """An app serving `engine`; `api_key` guards /v1/*, `replica_id` goes into a response header."""
+              replica_id: str | None = None, max_request_bytes: int | None = None) -> FastAPI:
+    """An app serving `engine`; `api_key` guards /v1/*, `replica_id` goes into a response header,
+    bodies past `max_request_bytes` get 413."""
     model_name = served_model_name or engine.model_name
     created = int(time.time())
     metrics = ServerMetrics(engine)
@@ -85,6 +126,8 @@ def build_app(engine: AsyncLLMEngine, *, api_key: str | None = None, served_mode
     app.state.metrics = metrics
     if replica_id is not None:
         app.add_middleware(_ReplicaHeader, replica_id=replica_id)
+    if max_request_bytes is not None:
+        app.add_middleware(_BodyLimit, max_bytes=max_request_bytes)
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)], response_model=None,
               responses={200: {"model": CompletionResponse, "content": _STREAM}, **_ERRORS})

@@ -24,13 +24,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1/* routes.")
     parser.add_argument("--request-timeout-s", type=float, default=None,
                         help="Abort requests running longer than this (default: no limit).")
+    parser.add_argument("--max-request-bytes", type=int, default=1024**2,
+                        help="Largest request body accepted; larger ones get HTTP 413 (default 1 MiB).")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="Tokens per SSE chunk at most; under load more are coalesced (default 1).")
     group = parser.add_argument_group("replicas")
-    group.add_argument("--num-replicas", type=int, default=1, help="Fixed number of replicas (default 1).")
-    group.add_argument("--min-replicas", type=int, default=None, help="Autoscaling lower bound (with --max-replicas).")
-    group.add_argument("--max-replicas", type=int, default=None, help="Autoscaling upper bound (with --min-replicas).")
+    group.add_argument("--num-replicas", type=int, default=1,
+                       help="Engine cores, each holding a device and running the step loop (default 1).")
+    group.add_argument("--api-replicas", type=int, default=1,
+                       help="API replicas (HTTP, tokenization, SSE; no GPU) sharing the engine cores (default 1).")
+    group.add_argument("--min-replicas", type=int, default=None,
+                       help="Autoscale the API replicas: lower bound (with --max-replicas).")
+    group.add_argument("--max-replicas", type=int, default=None,
+                       help="Autoscale the API replicas: upper bound (with --min-replicas).")
     group.add_argument("--num-gpus-per-replica", type=float, default=None,
-                       help="GPUs per replica (default: 1 with CUDA, else 0).")
-    group.add_argument("--num-cpus-per-replica", type=float, default=1.0)
+                       help="GPUs per engine core (default: 1 with CUDA, else 0).")
+    group.add_argument("--num-cpus-per-replica", type=float, default=1.0,
+                       help="CPUs per engine core; Ray sets its torch threads from it (default 1).")
+    group.add_argument("--num-cpus-per-api-replica", type=float, default=0.5)
     group.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs for the local Ray instance (default: all).")
     add_engine_args(parser)
     parser.set_defaults(func=run)
@@ -41,15 +52,17 @@ def run(args: argparse.Namespace) -> int:
 
     config = ServeConfig(
         model=args.model, host=args.host, port=args.port, num_replicas=args.num_replicas,
+        api_replicas=args.api_replicas, num_cpus_per_api_replica=args.num_cpus_per_api_replica,
+        max_request_bytes=args.max_request_bytes, stream_interval=args.stream_interval,
         min_replicas=args.min_replicas, max_replicas=args.max_replicas,
         num_gpus_per_replica=args.num_gpus_per_replica, num_cpus_per_replica=args.num_cpus_per_replica,
         ray_num_cpus=args.ray_num_cpus, api_key=args.api_key, served_model_name=args.served_model_name,
         request_timeout_s=args.request_timeout_s, engine_kwargs=engine_kwargs(args),
     )
-    replicas = (f"{config.min_replicas}..{config.max_replicas} (autoscaling)" if config.min_replicas is not None
-                else str(config.num_replicas))
-    logger.info("starting: model=%s replicas=%s gpus/replica=%s", args.model or "default (SmolLM2-135M-Instruct)",
-                replicas, config.gpus_per_replica())
+    api = (f"{config.min_replicas}..{config.max_replicas} (autoscaling)" if config.min_replicas is not None
+           else str(config.api_replicas))
+    logger.info("starting: model=%s engine cores=%d (gpus each: %s) api replicas=%s",
+                args.model or "default (SmolLM2-135M-Instruct)", config.num_replicas, config.gpus_per_replica(), api)
     run_server(config, on_ready=lambda url: announce(url, args.api_key))
     return 0
 

@@ -1,8 +1,18 @@
-"""Ray Serve deployment: one AsyncLLMEngine per replica behind the FastAPI app."""
+"""Ray Serve layout: engine-core replicas hold the devices; API replicas (no GPU) serve HTTP.
+
+    HTTP -> Serve proxy -> LLMServer (api_replicas of them: FastAPI, tokenization, detokenization, SSE)
+                              \__ ZMQ/msgpack __ EngineCore (one per num_replicas: model, device, step loop)
+
+Every API replica connects to every engine core and sends each request to the core with the
+fewest requests in flight.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
+import os
 import signal
 import threading
 import time
@@ -12,7 +22,7 @@ from typing import Any, Callable
 import ray
 from ray import serve
 
-from tokenmill.engine.async_engine import AsyncLLMEngine
+from tokenmill.engine.async_engine import AsyncEngineConfig, AsyncLLMEngine
 from tokenmill.serve.api import build_app
 
 logger = logging.getLogger(__name__)
@@ -27,11 +37,15 @@ class ServeConfig:
     model: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
-    num_replicas: int = 1
-    min_replicas: int | None = None  # with max_replicas: autoscaling instead of a fixed count
+    num_replicas: int = 1  # engine cores (each holds a device)
+    api_replicas: int = 1  # API replicas sharing the cores
+    min_replicas: int | None = None  # with max_replicas: autoscale the API replicas instead of a fixed count
     max_replicas: int | None = None
-    num_gpus_per_replica: float | None = None  # None: 1 when CUDA is available, else 0
-    num_cpus_per_replica: float = 1.0
+    num_gpus_per_replica: float | None = None  # per engine core; None: 1 when CUDA is available, else 0
+    num_cpus_per_replica: float = 1.0  # per engine core (Ray sets its OMP_NUM_THREADS from it)
+    num_cpus_per_api_replica: float = 0.5
+    max_request_bytes: int = 1024**2  # request bodies past this get HTTP 413
+    stream_interval: int = 1  # tokens per SSE chunk at most (vLLM's name); more coalesce under load
     ray_num_cpus: int | None = None  # CPUs given to the local Ray instance (None: all)
     api_key: str | None = None
     served_model_name: str | None = None
@@ -41,6 +55,12 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
             raise ValueError(f"num_replicas={self.num_replicas} is invalid: allowed an integer >= 1")
+        if self.api_replicas < 1:
+            raise ValueError(f"api_replicas={self.api_replicas} is invalid: allowed an integer >= 1")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes={self.max_request_bytes} is invalid: allowed an integer >= 1")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval={self.stream_interval} is invalid: allowed an integer >= 1")
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("min_replicas and max_replicas are invalid: set both (autoscaling) or neither")
         if self.min_replicas is not None and not 0 <= self.min_replicas <= self.max_replicas:
@@ -67,26 +87,76 @@ class ServeConfig:
         return 1.0 if torch.cuda.is_available() else 0.0
 
 
+@serve.deployment(name="EngineCore")
+class EngineCoreServer:
+    """One engine core: the model, the device and the step loop (serve/engine_core.py), nothing else.
+
+    It serves no HTTP; API replicas connect to `address()` over ZMQ. Serve health-checks it and
+    replaces it when its loop dies or its process is killed.
+    """
+
+    def __init__(self, config: ServeConfig) -> None:
+        from tokenmill.engine.llm_engine import LLMEngine
+        from tokenmill.serve.engine_core import EngineCore
+
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        engine = LLMEngine.from_args(config.model, **config.engine_kwargs)
+        host = ray.util.get_node_ip_address()
+        self.core = EngineCore(engine, bind=f"tcp://{host}:*", core_id=replica_id).start()
+        logger.info("engine core %s at %s", replica_id, self.core.address)
+
+    def address(self) -> tuple[str, str]:
+        """(ZMQ address, core id): a new core has a new id."""
+        return self.core.address, self.core.core_id
+
+    def stats(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.core.engine.get_stats())
+
+    def check_health(self) -> None:
+        if not self.core.is_alive:
+            raise RuntimeError(f"engine core loop is not running: {self.core.dead_reason}")
+
+    def __del__(self) -> None:
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.shutdown(timeout_s=5.0)
+
+
 @serve.deployment(name="LLMServer")
 @serve.ingress()
 class LLMServer:
-    """One replica: loads the model into its own engine and serves the OpenAI routes."""
+    """One API replica (no GPU): HTTP, tokenization, detokenization and SSE for the engine cores it
+    connects to. When a core dies its requests fail at once; the health check reconnects to the
+    core's replacement as soon as Serve has started it."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, cores: list[Any]) -> None:
         self.config = config
+        self.core_handles = cores
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.engine = AsyncLLMEngine.from_args(
-            config.model, request_timeout_s=config.request_timeout_s, **config.engine_kwargs
-        )
+        self.engine: AsyncLLMEngine | None = None
 
-    def __serve_build_asgi_app__(self) -> Any:
-        return build_app(self.engine, api_key=self.config.api_key,
-                         served_model_name=self.config.served_model_name, replica_id=self.replica_id)
+    async def __serve_build_asgi_app__(self) -> Any:
+        addresses = [(await handle.address.remote())[0] for handle in self.core_handles]
+        engine_config = AsyncEngineConfig(request_timeout_s=self.config.request_timeout_s,
+                                          stream_interval=self.config.stream_interval)
+        self.engine = await asyncio.to_thread(AsyncLLMEngine.connect, addresses, engine_config)
+        return build_app(self.engine, api_key=self.config.api_key, served_model_name=self.config.served_model_name,
+                         replica_id=self.replica_id, max_request_bytes=self.config.max_request_bytes)
 
-    def check_health(self) -> None:
-        """Ray Serve restarts the replica when this raises."""
-        if not self.engine.is_healthy:
-            raise RuntimeError(f"engine loop is not running: {self.engine.dead_reason}")
+    async def check_health(self) -> None:
+        """Never fails for a dead core (Serve replaces the core, not this replica): reconnects instead."""
+        if self.engine is None:
+            return
+        for index, connection in enumerate(self.engine.cores):
+            if connection.is_alive:
+                continue
+            try:
+                address, core_id = await asyncio.wait_for(self.core_handles[index].address.remote(), 5.0)
+            except Exception:  # noqa: BLE001 - the replacement is not up yet; /health answers 503 meanwhile
+                continue
+            if core_id != connection.info["core_id"]:
+                await asyncio.to_thread(self.engine.replace_core, index, address)
+                logger.info("API replica %s: connected to the new engine core %s", self.replica_id, core_id)
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
@@ -95,12 +165,21 @@ class LLMServer:
 
 
 def build_application(config: ServeConfig) -> Any:
-    """The bound Serve application for `config` (replicas, resources, concurrency limits)."""
+    """The bound Serve application: `num_replicas` engine cores, `api_replicas` API replicas sharing them."""
+    shutdown = {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": 2}
+    cores = [
+        EngineCoreServer.options(
+            name="EngineCore" if i == 0 else f"EngineCore{i}", num_replicas=1,
+            ray_actor_options={"num_gpus": config.gpus_per_replica(), "num_cpus": config.num_cpus_per_replica},
+            health_check_period_s=2, health_check_timeout_s=30, **shutdown,
+        ).bind(config)
+        for i in range(config.num_replicas)
+    ]
     options: dict[str, Any] = {
-        "ray_actor_options": {"num_gpus": config.gpus_per_replica(), "num_cpus": config.num_cpus_per_replica},
-        # Admit at least a full batch per replica; the engine queues the rest.
-        "max_ongoing_requests": max(2 * config.max_num_seqs, 8),
-        "health_check_period_s": 10,
+        "ray_actor_options": {"num_gpus": 0, "num_cpus": config.num_cpus_per_api_replica},
+        # Admit at least a full batch of every core per replica; the cores queue the rest.
+        "max_ongoing_requests": max(2 * config.max_num_seqs * config.num_replicas, 8),
+        "health_check_period_s": 1, **shutdown,
     }
     if config.min_replicas is not None:
         options["autoscaling_config"] = {
@@ -109,52 +188,102 @@ def build_application(config: ServeConfig) -> Any:
             "target_ongoing_requests": config.max_num_seqs,
         }
     else:
-        options["num_replicas"] = config.num_replicas
-    return LLMServer.options(**options).bind(config)
+        options["num_replicas"] = config.api_replicas
+    return LLMServer.options(**options).bind(config, cores)
 
 
-def start(config: ServeConfig) -> str:
-    """Start a fresh local Ray instance and the app; returns the base URL once every replica is ready."""
+def start(config: ServeConfig, *, handle_signals: bool = False) -> str:
+    """Start a fresh local Ray instance and the app; returns the base URL once every replica is ready.
+
+    With `handle_signals`, SIGTERM (and SIGINT when a shell ignored it) raise KeyboardInterrupt in
+    the main thread from the moment Ray is up (ray.init installs handlers of its own).
+    """
     ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=False, log_to_driver=True)
+    if handle_signals:
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` stops as cleanly as Ctrl-C
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background by a shell
+            signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_application(config), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{config.host}:{config.port}"
 
 
-def stop() -> None:
-    """Shut Serve and Ray down (safe to call twice)."""
+def stop(timeout_s: float = 5.0) -> None:
+    """Shut Serve and Ray down (safe to call twice), in bounded time.
+
+    When the whole process group got SIGTERM (systemd's default), Serve's controller is already
+    gone and would be waited for 30 s: give it `timeout_s`, then stop Ray, which ends every
+    process it started.
+    """
     try:
         if ray.is_initialized():
-            serve.shutdown()
+            _shutdown_serve(timeout_s)
     finally:
         if ray.is_initialized():
             ray.shutdown()
 
 
+def _shutdown_serve(timeout_s: float) -> None:
+    """serve.shutdown() with a bound on the wait for the controller."""
+    from ray.serve.context import _check_cached_client_alive, _disconnect
+
+    client, _ = _check_cached_client_alive()  # None when the controller is gone already
+    if client is not None:
+        client.shutdown(timeout_s=timeout_s)
+    _disconnect()
+
+
 def run_server(config: ServeConfig, *, on_ready: Callable[[str], None] | None = None, block: bool = True) -> str:
-    """Serve until Ctrl-C (when `block`), then shut Serve and Ray down cleanly."""
+    """Serve until Ctrl-C or SIGTERM (when `block`), then stop Serve and Ray within STOP_TIMEOUT_S."""
+    handle_signals = block and threading.current_thread() is threading.main_thread()
     try:
-        url = start(config)
-    except BaseException:
-        stop()
-        raise
-    if on_ready is not None:
-        on_ready(url)
-    if not block:
-        return url
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` stops as cleanly as Ctrl-C
-        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background by a shell
-            signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
-    try:
+        url = start(config, handle_signals=handle_signals)
+        if on_ready is not None:
+            on_ready(url)
+        if not block:
+            return url
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         logger.info("shutting down Serve and Ray")
-    finally:
-        stop()
-    logger.info("stopped")
-    return url
+        stop_within(STOP_TIMEOUT_S)
+        logger.info("stopped")
+        # Everything Ray started is gone; its exit hooks would still spend seconds on it: exit now.
+        logging.shutdown()
+        os._exit(0)
+    except BaseException:
+        stop_within(STOP_TIMEOUT_S)
+        raise
+
+
+STOP_TIMEOUT_S = 7.0
+
+
+def stop_within(timeout_s: float) -> bool:
+    """Stop Serve and Ray gracefully if that fits in `timeout_s`, then end whatever Ray started that is left.
+
+    The processes to end are this process's descendants when the stop begins: Ray's node processes
+    and the workers they started (engine cores, API replicas, proxy, controller). Stopping the
+    whole process group signals them too, and some then never answer a graceful stop.
+    Returns True when the graceful stop finished on its own.
+    """
+    import psutil
+
+    started = time.monotonic()
+    processes = psutil.Process().children(recursive=True)
+    graceful = threading.Thread(target=stop, kwargs={"timeout_s": max(timeout_s / 3, 1.0)}, daemon=True)
+    graceful.start()
+    graceful.join(max(timeout_s - 2.0, 1.0))
+    left = [p for p in processes if p.is_running()]
+    for process in left:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(left, timeout=max(timeout_s - (time.monotonic() - started), 1.0))
+    if left:
+        logger.info("ended %d Ray processes that outlived the graceful stop", len(left))
+    return not graceful.is_alive() and not left
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:

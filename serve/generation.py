@@ -98,7 +98,7 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
         params = self._params(body)  # first: its 400s name the field before the template runs
-        prompts = [self._chat_prompt(body)]
+        prompts = [await self._chat_prompt(body)]
         k = params.logprobs
         job = _Job(self, "chatcmpl", body, params, k)
         await job.start(prompts, body.timeout_s)
@@ -152,7 +152,7 @@ class OpenAIServing:
             prompts.append(_Prompt(list(item), self.tokenizer.decode(item)))
         return prompts
 
-    def _chat_prompt(self, body: ChatCompletionRequest) -> _Prompt:
+    async def _chat_prompt(self, body: ChatCompletionRequest) -> _Prompt:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, f"The model '{self.model_name}' has no chat template; use /v1/completions.",
                            param="messages")
@@ -170,8 +170,11 @@ class OpenAIServing:
         except Exception as exc:  # noqa: BLE001 - template errors are the client's (role order, ...)
             raise APIError(400, f"Invalid value for 'messages': the chat template rejected them: {exc}",
                            param="messages") from exc
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return _Prompt(list(ids), text)
+        try:  # in the engine's tokenizer pool; a prompt past the context fails early
+            ids = await self.engine.encode(text, add_special_tokens=False)
+        except ValueError as exc:
+            raise APIError(400, f"Invalid value for 'messages': {exc}", param="messages") from exc
+        return _Prompt(ids, text)
 
     # ------------------------------------------------------------------ chunks
     def _completion_chunk(self, job: "_Job", body: CompletionRequest, prompts: list[_Prompt], deltas: list,

@@ -89,23 +89,22 @@ def test_a_failing_step_mid_stream_ends_every_stream_in_the_batch_with_an_error(
     assert ok.status_code == 200 and live.get("/health").status_code == 200
 
 
-# ---------------------------------------------------------------------- Ray Serve replicas
-def fault_injectable_deployment() -> Any:
-    """The LLMServer deployment with one extra, test-only method that crashes the engine loop."""
+# ---------------------------------------------------------------------- Ray Serve: engine core and API replicas
+def fault_injectable_core() -> Any:
+    """The EngineCore deployment with one extra, test-only method that crashes its step loop."""
     from ray import serve
 
-    from tokenmill.serve.deployment import LLMServer
+    from tokenmill.serve.deployment import EngineCoreServer
 
-    class FaultInjectableLLMServer(LLMServer.func_or_class):
-        def crash_engine(self) -> str:
+    class FaultInjectableEngineCore(EngineCoreServer.func_or_class):
+        def crash_loop(self) -> str:
             def boom() -> bool:
                 raise RuntimeError("injected engine crash")
 
-            self.engine.engine.has_unfinished_requests = boom
-            self.engine.abort("wake-the-loop")  # the idle loop wakes up, calls boom and dies
-            return self.replica_id
+            self.core.engine.has_unfinished_requests = boom  # the idle loop calls it within 0.2 s and dies
+            return self.core.core_id
 
-    return serve.deployment(name="LLMServer")(FaultInjectableLLMServer)
+    return serve.deployment(name="EngineCore")(FaultInjectableEngineCore)
 
 
 @pytest.fixture(scope="module")
@@ -113,22 +112,22 @@ def ray_app():
     import ray
     from ray import serve
 
-    from tokenmill.serve.deployment import APP_NAME, ServeConfig, stop
+    from tokenmill.serve.deployment import APP_NAME, LLMServer, ServeConfig, stop
 
     config = ServeConfig(port=free_port(), num_gpus_per_replica=0,
                          engine_kwargs={"max_model_len": 128, "max_num_seqs": 4, "device": "cpu"})
-    app = fault_injectable_deployment().options(
-        num_replicas=1, ray_actor_options={"num_cpus": 0.5, "num_gpus": 0}, max_ongoing_requests=16,
-        health_check_period_s=1, health_check_timeout_s=30,
-        graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=2,
-    ).bind(config)
+    quick = {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": 2, "health_check_timeout_s": 30}
+    core = fault_injectable_core().options(num_replicas=1, ray_actor_options={"num_cpus": 0.5, "num_gpus": 0},
+                                           health_check_period_s=1, **quick).bind(config)
+    app = LLMServer.options(num_replicas=1, ray_actor_options={"num_cpus": 0.25, "num_gpus": 0},
+                            max_ongoing_requests=16, health_check_period_s=1, **quick).bind(config, [core])
     try:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://{config.host}:{config.port}"
-        assert wait_for(lambda: _get(url, "/health") is not None, 120)
-        yield url, serve.get_app_handle(APP_NAME)
+        assert wait_for(lambda: _healthy(url), 120)
+        yield url, serve.get_deployment_handle("EngineCore", APP_NAME)
     finally:
         stop()
 
@@ -140,8 +139,17 @@ def _get(url: str, path: str) -> httpx.Response | None:
         return None
 
 
+def _healthy(url: str) -> bool:
+    health = _get(url, "/health")
+    return health is not None and health.status_code == 200
+
+
+def _core_id(core_handle: Any) -> str:
+    return core_handle.address.remote().result(timeout_s=30)[1]
+
+
 def _serving_replica(url: str) -> str | None:
-    """The id of the replica that answers a small completion, or None when none does."""
+    """The id of the API replica that answers a small completion, or None when none does."""
     try:
         r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0}, timeout=60)
     except httpx.HTTPError:
@@ -149,33 +157,76 @@ def _serving_replica(url: str) -> str | None:
     return r.headers.get(REPLICA_HEADER) if r.status_code == 200 else None
 
 
-def _wait_for_replacement(url: str, old_replica: str) -> str | None:
+def _wait_until_served(url: str, different_from: str | None = None) -> str | None:
     deadline = time.monotonic() + REPLACEMENT_TIMEOUT_S
     while time.monotonic() < deadline:
         replica = _serving_replica(url)
-        if replica is not None and replica != old_replica:
+        if replica is not None and replica != different_from:
             return replica
         time.sleep(0.5)
     return None
 
 
-def test_a_dead_engine_turns_health_to_503_and_serve_replaces_the_replica(ray_app):
-    url, handle = ray_app
-    old = _serving_replica(url)
-    assert old is not None
-    assert handle.crash_engine.remote().result(timeout_s=30) == old
-    health = _get(url, "/health")
-    assert health is not None and health.status_code == 503, health
-    assert "injected engine crash" in health.json()["error"]["message"]
+class LongStream:
+    """A long streaming completion read in a thread: its events and how it ended."""
+
+    def __init__(self, url: str) -> None:
+        self.events: list[str] = []
+        self.outcome: dict[str, Any] = {}
+        self.thread = threading.Thread(target=self._read, args=(url,), daemon=True)
+        self.thread.start()
+
+    def _read(self, url: str) -> None:
+        body = {"prompt": "Write a long story.", "max_tokens": 100, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                self.outcome["status"] = r.status_code
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        self.events.append(line)
+        except httpx.HTTPError as exc:
+            self.outcome["error"] = exc
+
+    def ended_with_an_error(self) -> bool:
+        completed = any('"finish_reason":"length"' in e for e in self.events)
+        return not completed and (self.outcome.get("error") is not None or any('"error"' in e for e in self.events)
+                                  or self.outcome.get("status", 200) >= 500)
+
+
+def test_a_dead_engine_loop_turns_health_to_503_and_serve_replaces_the_core(ray_app):
+    url, core = ray_app
+    assert _serving_replica(url) is not None
+    old_core = _core_id(core)
+    assert core.crash_loop.remote().result(timeout_s=30) == old_core
+    assert wait_for(lambda: (_get(url, "/health") or httpx.Response(200)).status_code == 503, 10)
+    assert "injected engine crash" in _get(url, "/health").json()["error"]["message"]
     r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
-    assert r.status_code == 503 and r.headers[REPLICA_HEADER] == old
-    new = _wait_for_replacement(url, old)
-    assert new is not None, "Serve did not replace the replica whose engine died"
-    health = _get(url, "/health")
-    assert health is not None and health.status_code == 200
+    assert r.status_code == 503 and "injected engine crash" in r.json()["error"]["message"]
+    assert _wait_until_served(url) is not None, "no request was served after the core's replacement"
+    assert _core_id(core) != old_core and _healthy(url)
 
 
-def test_a_killed_replica_ends_its_streams_with_an_error_and_a_replacement_serves(ray_app):
+def test_a_killed_engine_core_ends_in_flight_streams_with_an_error_and_a_replacement_serves(ray_app):
+    import ray
+
+    from tokenmill.serve.deployment import APP_NAME
+
+    url, core = ray_app
+    assert _serving_replica(url) is not None
+    old_core = _core_id(core)
+    stream = LongStream(url)
+    assert wait_for(lambda: len(stream.events) >= 2, 60), stream.outcome
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#EngineCore#{old_core}", namespace="serve"), no_restart=True)
+    stream.thread.join(30)
+    assert not stream.thread.is_alive(), "the stream of a killed engine core hung"
+    assert stream.ended_with_an_error(), (stream.outcome, stream.events[-3:])
+    assert any("disconnected" in e for e in stream.events), stream.events[-2:]  # the error says what happened
+    assert _wait_until_served(url) is not None, "no request was served after the core's replacement"
+    assert _core_id(core) != old_core
+
+
+def test_a_killed_api_replica_ends_its_streams_with_an_error_and_a_replacement_serves(ray_app):
     import ray
 
     from tokenmill.serve.deployment import APP_NAME
@@ -183,30 +234,10 @@ def test_a_killed_replica_ends_its_streams_with_an_error_and_a_replacement_serve
     url, _ = ray_app
     old = _serving_replica(url)
     assert old is not None
-    events: list[str] = []
-    outcome: dict[str, Any] = {}
-
-    def stream() -> None:
-        body = {"prompt": "Write a long story.", "max_tokens": 100, "temperature": 0, "ignore_eos": True,
-                "stream": True}
-        try:
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-                outcome["status"] = r.status_code
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line)
-        except httpx.HTTPError as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=stream, daemon=True)
-    thread.start()
-    assert wait_for(lambda: len(events) >= 2, 60), outcome
-    actor = ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#LLMServer#{old}", namespace="serve")
-    ray.kill(actor, no_restart=True)
-    thread.join(60)
-    assert not thread.is_alive(), "the stream of a killed replica hung"
-    completed = any('"finish_reason":"length"' in e for e in events)
-    assert not completed and (outcome.get("error") is not None or any('"error"' in e for e in events)
-                              or outcome.get("status", 200) >= 500), (outcome, events[-3:])
-    new = _wait_for_replacement(url, old)
-    assert new is not None, "no replacement replica served after the kill"
+    stream = LongStream(url)
+    assert wait_for(lambda: len(stream.events) >= 2, 60), stream.outcome
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#LLMServer#{old}", namespace="serve"), no_restart=True)
+    stream.thread.join(60)
+    assert not stream.thread.is_alive(), "the stream of a killed replica hung"
+    assert stream.ended_with_an_error(), (stream.outcome, stream.events[-3:])
+    assert _wait_until_served(url, different_from=old) is not None, "no replacement replica served after the kill"

@@ -1,4 +1,4 @@
-"""Two Ray Serve replicas, each with its own engine, behind one HTTP endpoint."""
+"""Ray Serve layout: two engine cores and two API replicas (each connected to both cores) behind one endpoint."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def ray_server():
     from tokenmill.serve.deployment import ServeConfig, start, stop
 
     config = ServeConfig(
-        port=free_port(), num_replicas=2, num_gpus_per_replica=0, num_cpus_per_replica=0.5, ray_num_cpus=2,
+        port=free_port(), num_replicas=2, api_replicas=2, num_gpus_per_replica=0, num_cpus_per_replica=0.5,
+        num_cpus_per_api_replica=0.25, ray_num_cpus=2,
         engine_kwargs={"max_model_len": 128, "max_num_seqs": 4, "device": "cpu"},
     )
     try:
@@ -28,7 +29,15 @@ def ray_server():
         stop()
 
 
-def test_two_replicas_share_the_load_and_all_requests_complete(ray_server):
+def core_stats(name: str) -> dict:
+    from ray import serve
+
+    from tokenmill.serve.deployment import APP_NAME
+
+    return serve.get_deployment_handle(name, APP_NAME).stats.remote().result(timeout_s=30)
+
+
+def test_two_api_replicas_and_two_cores_share_the_load_and_all_requests_complete(ray_server):
     config, url = ray_server
     assert url == f"http://127.0.0.1:{config.port}"
     model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
@@ -44,8 +53,11 @@ def test_two_replicas_share_the_load_and_all_requests_complete(ray_server):
 
             return await asyncio.gather(*(one(i) for i in range(NUM_REQUESTS)))
 
+    before = [core_stats(name)["prompt_tokens_total"] for name in ("EngineCore", "EngineCore1")]
     replicas = Counter(asyncio.run(burst()))
     assert len(replicas) == 2, replicas
+    after = [core_stats(name)["prompt_tokens_total"] for name in ("EngineCore", "EngineCore1")]
+    assert all(a > b for a, b in zip(after, before)), (before, after)  # both cores served
     assert sum(replicas.values()) == NUM_REQUESTS
     models = {httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["replica_id"] for _ in range(10)}
     assert models <= set(replicas)
@@ -77,11 +89,19 @@ def test_serve_config_validation_and_replica_options():
         ServeConfig(min_replicas=1)
     with pytest.raises(ValueError, match="num_replicas"):
         ServeConfig(num_replicas=0)
+    with pytest.raises(ValueError, match="api_replicas"):
+        ServeConfig(api_replicas=0)
+    with pytest.raises(ValueError, match="stream_interval"):
+        ServeConfig(stream_interval=0)
     auto = build_application(ServeConfig(min_replicas=1, max_replicas=3, num_gpus_per_replica=0,
                                          engine_kwargs={"max_num_seqs": 16}))._bound_deployment
     scaling = auto._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas) == (1, 3)
     assert auto.max_ongoing_requests >= 16 and auto.ray_actor_options["num_gpus"] == 0
-    fixed = build_application(ServeConfig(num_replicas=2, num_gpus_per_replica=1))._bound_deployment
-    assert fixed.num_replicas == 2 and fixed.ray_actor_options["num_gpus"] == 1
-    assert fixed.max_ongoing_requests >= 64  # the engine's default max_num_seqs
+    app = build_application(ServeConfig(num_replicas=2, api_replicas=3, num_gpus_per_replica=1))
+    api = app._bound_deployment
+    assert api.num_replicas == 3 and api.ray_actor_options["num_gpus"] == 0  # API replicas hold no GPU
+    cores = [arg._bound_deployment for arg in api.init_args[1]]
+    assert [c.name for c in cores] == ["EngineCore", "EngineCore1"]
+    assert all(c.num_replicas == 1 and c.ray_actor_options["num_gpus"] == 1 for c in cores)
+    assert api.max_ongoing_requests >= 2 * 64  # a full batch of each core (default max_num_seqs 64)

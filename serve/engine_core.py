@@ -1,0 +1,228 @@
+"""The engine core: one LLMEngine and its step loop, behind a ZMQ ROUTER socket.
+
+The core takes already-tokenized requests and aborts from any number of API-side clients and
+answers each client once per step with the new token ids of its requests (see
+engine_core_messages). It never detokenizes, renders templates or touches HTTP, so the step
+loop has the process (and its GIL) to itself when it runs in its own process.
+
+A client that disconnects (its process died) has its requests aborted: the core sends every
+client a message after each step, and a send to a client that is gone fails (ROUTER_MANDATORY). When the loop itself
+fails, every client is told (["dead", reason]) and the core stays dead: whoever supervises it
+(Ray Serve's health check) replaces it.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import zmq
+
+from tokenmill.engine.errors import QueueFullError
+from tokenmill.serve.engine_core_messages import decode_params, pack, pack_prompt_logprobs, take_new_tokens, unpack
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_MS = 200  # how often an idle loop looks at its stop flag
+
+
+@dataclass
+class _Reply:
+    """What one client gets after one loop iteration."""
+
+    outputs: list[list[Any]] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)
+    rejected: list[list[Any]] = field(default_factory=list)
+
+
+class EngineCore:
+    """Runs `engine` in a loop thread; clients connect to `address` (a ZMQ DEALER each)."""
+
+    def __init__(self, engine: Any, bind: str = "tcp://127.0.0.1:*", context: zmq.Context | None = None,
+                 core_id: str = "core") -> None:
+        self.engine = engine
+        self.core_id = core_id
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a client that is gone fails: drop it
+        self.socket.setsockopt(zmq.SNDHWM, 0)  # never drop outputs for a slow client
+        self.socket.setsockopt(zmq.LINGER, 1000)
+        self.socket.bind(bind)
+        self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.dead_reason: str | None = None
+        self._clients: set[bytes] = set()
+        self._owner: dict[str, bytes] = {}  # request id -> client identity
+        self._num_sent: dict[str, dict[int, int]] = {}  # request id -> sequence index -> tokens sent
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"tokenmill-engine-core-{core_id}", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "EngineCore":
+        self._thread.start()
+        return self
+
+    @property
+    def is_alive(self) -> bool:
+        return self.dead_reason is None and self._thread.is_alive()
+
+    @property
+    def num_clients(self) -> int:
+        return len(self._clients)
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def info(self) -> dict[str, Any]:
+        """What a client needs to serve this engine (sent pickled in the welcome)."""
+        engine = self.engine
+        return {
+            "core_id": self.core_id,
+            "model_name": engine.model_name,
+            "tokenizer": engine.tokenizer,
+            "max_model_len": engine.max_model_len,
+            "vocab_size": engine.vocab_size,
+            "kv_cache_capacity_tokens": engine.kv_cache_capacity_tokens,
+            "max_num_seqs": engine.scheduler_config.max_num_seqs,
+            "default_sampling_params": engine.default_sampling_params(),
+            "stats": asdict(engine.get_stats()),
+        }
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                replies: dict[bytes, _Reply] = defaultdict(_Reply)
+                busy = self.engine.has_unfinished_requests()
+                changed = self._receive(0 if busy else IDLE_POLL_MS, replies)
+                if self.engine.has_unfinished_requests():
+                    self._route(self.engine.step(), replies)
+                    changed = True
+                while changed:  # a client found gone had its requests aborted: tell the others
+                    changed = self._send(replies)
+                    replies = defaultdict(_Reply)
+            reason = "the engine core was shut down"
+        except BaseException as exc:  # noqa: BLE001 - any fault ends the loop; clients must be told
+            logger.exception("engine core loop died")
+            reason = f"the engine loop died: {exc!r}"
+        self.dead_reason = reason
+        for client in list(self._clients):
+            self._send_to(client, ["dead", reason])
+        self.socket.close()
+
+    def _receive(self, timeout_ms: int, replies: dict[bytes, _Reply]) -> bool:
+        """Apply every queued message; True if any arrived."""
+        if not self.socket.poll(timeout_ms):
+            return False
+        while True:
+            try:
+                client, payload = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            message = unpack(payload)
+            kind = message[0]
+            if kind == "add":
+                self._add(client, message, replies[client])
+            elif kind == "abort":
+                self._abort(message[1])
+            elif kind == "hello":
+                self._clients.add(client)
+                info = pickle.dumps(self.info())
+                self._send_to(client, ["welcome", info])
+
+    def _add(self, client: bytes, message: list[Any], reply: _Reply) -> None:
+        _, request_id, prompt_token_ids, fields = message
+        try:
+            self.engine.add_request(request_id, prompt_token_ids, decode_params(fields))
+        except QueueFullError as exc:
+            reply.rejected.append([request_id, "queue_full", str(exc)])
+            return
+        except ValueError as exc:
+            reply.rejected.append([request_id, "value", str(exc)])
+            return
+        except Exception as exc:  # noqa: BLE001 - the request's own failure, handed to its client
+            reply.rejected.append([request_id, "internal", f"{type(exc).__name__}: {exc}"])
+            return
+        self._owner[request_id] = client
+        self._num_sent[request_id] = {}
+        reply.accepted.append(request_id)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        mine = [rid for rid in request_ids if self._owner.pop(rid, None) is not None]
+        for rid in mine:
+            del self._num_sent[rid]
+        if mine:
+            self.engine.abort_request(mine)
+
+    def _drop_client(self, client: bytes) -> None:
+        self._clients.discard(client)
+        self._abort([rid for rid, owner in self._owner.items() if owner == client])
+
+    def _route(self, outputs: list[Any], replies: dict[bytes, _Reply]) -> None:
+        for output in outputs:
+            rid = output.request_id
+            client = self._owner.get(rid)
+            if client is None:
+                continue  # aborted meanwhile
+            sequences = take_new_tokens(output, self._num_sent[rid])
+            replies[client].outputs.append([rid, output.finished, output.error, output.num_cached_tokens, sequences,
+                                            pack_prompt_logprobs(output.prompt_logprobs)])
+            if output.finished:
+                del self._owner[rid], self._num_sent[rid]
+
+    def _send(self, replies: dict[bytes, _Reply]) -> bool:
+        """Send every client its reply and the stats; True if a client was found gone (and dropped)."""
+        stats = asdict(self.engine.get_stats())
+        dropped = False
+        for client in list(self._clients):
+            reply = replies.get(client) or _Reply()
+            if not self._send_to(client, ["step", reply.outputs, reply.accepted, reply.rejected, stats]):
+                self._drop_client(client)
+                dropped = True
+        return dropped
+
+    def _send_to(self, client: bytes, message: list[Any]) -> bool:
+        """False when the client is gone."""
+        try:
+            self.socket.send_multipart([client, pack(message)])
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            logger.warning("engine core: a client disconnected; aborting its requests")
+            return False
+        return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tokenmill.serve.engine_core [--bind ADDR] [engine flags]`: one engine core in this process.
+
+    Prints its address once it listens, then runs until SIGTERM/SIGINT.
+    """
+    import argparse
+    import signal
+
+    from tokenmill.engine.llm_engine import LLMEngine
+    from tokenmill.serve.cli_args import add_engine_args, engine_kwargs
+
+    parser = argparse.ArgumentParser(prog="python -m tokenmill.serve.engine_core")
+    parser.add_argument("model", nargs="?", default=None)
+    parser.add_argument("--bind", default="tcp://127.0.0.1:*", help="ZMQ address to listen on (default: a free port)")
+    add_engine_args(parser)
+    args = parser.parse_args(argv)
+    core = EngineCore(LLMEngine.from_args(args.model, **engine_kwargs(args)), bind=args.bind).start()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    print(core.address, flush=True)
+    while not stop.is_set() and core.is_alive:
+        stop.wait(0.5)
+    core.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The engine core split: outputs identical to the in-process engine, a core in its own process
+(killed mid-request: the requests fail at once, a replacement serves), clients that vanish, early
+prompt rejection, the request-body limit and stream_interval."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.serve.conftest import ENGINE_KWARGS, make_engine, serve_app, wait_for
+from tests.serve.test_reliability import engine_is_clean
+from tokenmill.engine.errors import EngineDeadError
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.serve.api import build_app
+from tokenmill.serve.engine_core_client import CoreConnection
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CASES = [
+    ("The capital of France is", SamplingParams(max_new_tokens=12, do_sample=False)),
+    ("The capital of France is", SamplingParams(max_new_tokens=30, do_sample=False, stop=(" answer", "\n\n"))),
+    ("The capital of France is", SamplingParams(max_new_tokens=30, do_sample=False, stop=("answer",),
+                                                include_stop_str_in_output=True)),
+    ("Hello", SamplingParams(max_new_tokens=10, do_sample=True, num_return_sequences=3, seed=1, logprobs=2)),
+    ("Hello", SamplingParams(max_new_tokens=10, do_sample=True, num_return_sequences=2, seed=5, stop=("e",))),
+    ("Hello", SamplingParams(max_new_tokens=8, num_beams=3, num_return_sequences=2)),
+]
+
+
+def finals_of(outputs):
+    return [[(o.index, o.text, o.token_ids, o.finish_reason, o.stop_reason) for o in sorted(
+        out.outputs, key=lambda o: o.index)] for out in outputs]
+
+
+def logprobs_of(outputs):
+    # Values, not bits: a batch of another shape rounds the logits differently.
+    return [pytest.approx(o.logprobs[i][t], abs=1e-3) if o.logprobs else None
+            for out in outputs for o in sorted(out.outputs, key=lambda o: o.index) for i, t in enumerate(o.token_ids)]
+
+
+async def generate_all(engine, cases):
+    async def one(i, prompt, params):
+        final = None
+        async for final in engine.generate(prompt, params, f"case-{i}"):
+            pass
+        return final
+
+    return await asyncio.gather(*(one(i, p, sp) for i, (p, sp) in enumerate(cases)))
+
+
+def test_split_outputs_equal_the_in_process_engine(loaded_model):
+    offline = LLMEngine.from_args(None, loaded=loaded_model, **ENGINE_KWARGS)
+    for i, (prompt, params) in enumerate(CASES):
+        offline.add_request(f"case-{i}", prompt, params)
+    done = {}
+    while offline.has_unfinished_requests():
+        for out in offline.step():
+            if out.finished:
+                done[out.request_id] = out
+    expected = [done[f"case-{i}"] for i in range(len(CASES))]
+    engine = make_engine(loaded_model)
+    try:
+        got = asyncio.run(generate_all(engine, CASES))
+        assert finals_of(got) == finals_of(expected)
+        assert logprobs_of(expected) == logprobs_of(got)
+        assert got[1].outputs[0].finish_reason == "stop" and isinstance(got[1].outputs[0].stop_reason, str)
+        # The stop string aborted the request at the core: nothing is left running there.
+        assert wait_for(lambda: engine_is_clean(engine), 10), engine.get_stats()
+    finally:
+        engine.shutdown()
+
+
+def test_stream_interval_coalesces_outputs_and_keeps_the_text(loaded_model):
+    params = SamplingParams(max_new_tokens=16, do_sample=False, ignore_eos=True)
+
+    async def outputs(engine):
+        return [out async for out in engine.generate("Once upon a time", params)]
+
+    one, four = make_engine(loaded_model), make_engine(loaded_model, stream_interval=4)
+    try:
+        every, coalesced = asyncio.run(outputs(one)), asyncio.run(outputs(four))
+    finally:
+        one.shutdown()
+        four.shutdown()
+    assert len(every) == 16 and len(coalesced) <= 5
+    assert [len(o.outputs[0].token_ids) for o in coalesced[:-1]] == [4 * (i + 1) for i in range(len(coalesced) - 1)]
+    assert coalesced[-1].outputs[0].text == every[-1].outputs[0].text
+
+
+def test_a_prompt_past_the_context_is_rejected_from_a_prefix_before_queueing(engine):
+    huge = "word " * 200_000  # 1 MB of text, about 200k tokens against max_model_len 256
+    started = time.process_time()
+    with pytest.raises(ValueError, match="max_model_len"):
+        asyncio.run(engine.encode(huge))
+    assert time.process_time() - started < 0.5  # a prefix was tokenized, not the whole megabyte
+    with pytest.raises(ValueError, match="max_model_len"):
+        asyncio.run(engine.add_request("too-long", "word " * 300))
+    assert engine.get_stats().num_waiting == 0
+
+
+def test_request_body_limit_is_a_413_and_a_long_prompt_a_400(engine):
+    with serve_app(build_app(engine, max_request_bytes=64 * 1024)) as live:
+        big = live.post("/v1/completions", json={"prompt": "word " * 20_000, "max_tokens": 2})
+        assert big.status_code == 413
+        error = big.json()["error"]
+        assert error["type"] == "invalid_request_error" and "--max-request-bytes" in error["message"]
+        long = live.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "word " * 5000}],
+                                                       "max_tokens": 2})
+        assert long.status_code == 400 and "max_model_len" in long.json()["error"]["message"]
+        ok = live.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0})
+        assert ok.status_code == 200 and live.get("/health").status_code == 200
+
+
+def test_a_vanished_client_has_its_requests_aborted_at_the_core(loaded_model):
+    engine = make_engine(loaded_model)
+    core = engine._local_cores[0]
+    try:
+        other = CoreConnection(core.address, context=core.context)
+
+        async def start_long_request():
+            from tokenmill.engine.async_engine import AsyncLLMEngine
+
+            front = AsyncLLMEngine([other])
+            params = SamplingParams(max_new_tokens=200, do_sample=False, ignore_eos=True)
+            return await front.add_request("orphan", "Tell me a story.", params)
+
+        asyncio.run(start_long_request())
+        assert wait_for(lambda: engine.get_stats().num_running == 1, 10)
+        other.close()
+        # The core's next send to the closed client fails: its request is aborted.
+        assert wait_for(lambda: engine_is_clean(engine), 15), engine.get_stats()
+    finally:
+        engine.shutdown()
+
+
+# ---------------------------------------------------------------------- a core in its own process
+def start_core_process() -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokenmill.serve.engine_core", "--max-model-len", "256", "--max-num-seqs", "8",
+         "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    address = process.stdout.readline().strip()
+    assert address.startswith("tcp://"), address
+    return process, address
+
+
+def test_killing_the_core_process_fails_its_requests_at_once_and_a_replacement_serves():
+    from tokenmill.engine.async_engine import AsyncLLMEngine
+
+    first, address = start_core_process()
+    second = None
+    engine = AsyncLLMEngine.connect([address])
+    try:
+        long = SamplingParams(max_new_tokens=200, do_sample=False, ignore_eos=True)
+        short = SamplingParams(max_new_tokens=4, do_sample=False)
+
+        async def in_flight():
+            seen = 0
+            async for out in engine.generate("Write a long story.", long):
+                seen = len(out.outputs[0].token_ids)
+                if seen == 2:
+                    first.send_signal(signal.SIGKILL)
+            return seen
+
+        started = time.monotonic()
+        with pytest.raises(EngineDeadError, match="disconnected"):
+            asyncio.run(asyncio.wait_for(in_flight(), 60))
+        assert time.monotonic() - started < 30
+        assert not engine.is_healthy and "disconnected" in engine.dead_reason
+        with pytest.raises(EngineDeadError):
+            asyncio.run(engine.add_request("after-death", "Hi", short))
+
+        second, new_address = start_core_process()
+        engine.replace_core(0, new_address)
+        assert engine.is_healthy
+
+        async def answer():
+            return [out async for out in engine.generate("The capital of France is", short)][-1]
+
+        assert asyncio.run(answer()).outputs[0].finish_reason == "length"
+    finally:
+        engine.shutdown()
+        for process in (first, second):
+            if process is not None:
+                process.terminate()
+                process.wait(20)
