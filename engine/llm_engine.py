@@ -13,9 +13,10 @@ import torch
 
 from tokenmill.engine.attention_backend import register_attention
 from tokenmill.engine.block_manager import BlockManager
-from tokenmill.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tokenmill.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.errors import QueueFullError
+from tokenmill.engine.executor import make_executor
 from tokenmill.engine.model_loader import LoadedModel, load_model
 from tokenmill.engine.model_runner import ModelRunner, kv_bytes_per_block
 from tokenmill.engine.output_processor import request_output
@@ -57,10 +58,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         device, dtype = resolve_device_dtype(config.model.device, config.model.dtype)
+        tensor_parallel = config.parallel.tensor_parallel_size > 1
         if loaded is None:
             loaded = load_model(
                 config.model.model,
-                device=device,
+                device="cpu" if tensor_parallel else device,  # tensor parallel: the workers hold the weights
                 dtype=dtype,
                 cache_dir=config.model.cache_dir,
                 attn_implementation=register_attention(),
@@ -68,7 +70,7 @@ class LLMEngine:
         self.loaded = loaded
         self.model = loaded.model
         param = next(self.model.parameters())
-        device, dtype = param.device, param.dtype
+        device, dtype = (device, dtype) if tensor_parallel else (param.device, param.dtype)
         if getattr(self.model.config, "_attn_implementation", None) != register_attention():
             # A model loaded elsewhere: route its attention through the paged cache.
             self.model.set_attn_implementation(register_attention())
@@ -79,10 +81,14 @@ class LLMEngine:
         self.scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
 
-        num_blocks = self._num_kv_blocks(config.cache, device, dtype)
+        if tensor_parallel:
+            self.runner = make_executor(config, loaded, device, dtype, self.scheduler_config)
+            num_blocks = self.runner.num_blocks  # the least any rank can hold
+        else:
+            num_blocks = self._num_kv_blocks(config.cache, device, dtype)
+            self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=config.cache.block_size)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
-        self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=config.cache.block_size)
         self.updater = StepUpdater(self.block_manager, self.tokenizer, self.max_model_len)
         capacity = num_blocks * config.cache.block_size
         logger.info(
@@ -119,6 +125,8 @@ class LLMEngine:
         device: str = "auto",
         cache_dir: str | None = None,
         seed: int = 0,
+        tensor_parallel_size: int = 1,
+        ray_address: str | None = None,
         loaded: LoadedModel | None = None,
     ) -> "LLMEngine":
         config = EngineConfig(
@@ -139,6 +147,7 @@ class LLMEngine:
                 enable_chunked_prefill=enable_chunked_prefill,
                 max_waiting_requests=max_waiting_requests,
             ),
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size, ray_address=ray_address),
         )
         return cls(config, loaded)
 
@@ -322,6 +331,17 @@ class LLMEngine:
             generation_tokens_total=self.generation_tokens_total,
             prefix_cache_hit_blocks_total=bm.num_cache_hits,
         )
+
+    @property
+    def is_healthy(self) -> bool:
+        """False once the model can no longer run (a tensor-parallel worker died)."""
+        return getattr(self.runner, "is_healthy", True)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (safe to call twice)."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
 
     @property
     def kv_cache_capacity_tokens(self) -> int:
