@@ -127,7 +127,7 @@ class AsyncLLMEngine:
     # ------------------------------------------------------------------ public API
     @property
     def is_healthy(self) -> bool:
-        return self._dead is None and self._thread.is_alive()
+        return self._dead is None and self._thread.is_alive() and getattr(self.engine, "is_healthy", True)
 
     @property
     def dead_reason(self) -> str | None:
@@ -200,8 +200,9 @@ class AsyncLLMEngine:
         try:
             self._submit(("stop",))
         except EngineDeadError:
-            return
+            pass
         self._thread.join(timeout_s)
+        getattr(self.engine, "shutdown", lambda: None)()  # tensor-parallel workers, if any
 
     # ------------------------------------------------------------------ caller -> loop
     def _submit(self, command: Any) -> None:

@@ -133,6 +133,16 @@ class RayTPExecutor:
         import ray
 
         try:
+            if isinstance(refs, list):
+                # Wait for whichever rank answers first, so one dead rank fails the step at once
+                # instead of after the collective timeout of the ranks still waiting for it.
+                deadline = time.monotonic() + timeout_s
+                pending = refs
+                while pending:
+                    ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                    if not ready:
+                        raise ray.exceptions.GetTimeoutError()
+                    ray.get(ready)  # raises this rank's error, if any
             return ray.get(refs, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             self.dead_reason = f"a tensor-parallel worker did not answer within {timeout_s:.0f} s"
