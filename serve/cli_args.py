@@ -24,6 +24,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto).")
     group.add_argument("--cache-dir", default=None, help="Converted-weights cache (default ~/.cache/tokenmill).")
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                       help="Shard the model over N ranks (Ray actors, one GPU each) (default 1).")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,6 +42,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "cache_dir": args.cache_dir,
         "seed": args.seed,
+        "tensor_parallel_size": args.tensor_parallel_size,
     }
     if args.kv_cache_memory_gb is not None:
         kwargs["kv_cache_memory_bytes"] = int(args.kv_cache_memory_gb * 1024**3)

@@ -37,6 +37,8 @@ class ServeConfig:
     served_model_name: str | None = None
     request_timeout_s: float | None = None
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # LLMEngine.from_args keywords
+    ray_address: str | None = None  # join this Ray cluster ("auto": the running one) instead of a local one
+    prefix_routing: bool = False  # serve.router.PrefixAwareRouter instead of Serve's power-of-two router
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -83,6 +85,12 @@ class LLMServer:
         return build_app(self.engine, api_key=self.config.api_key,
                          served_model_name=self.config.served_model_name, replica_id=self.replica_id)
 
+    async def generate_tokens(self, request: Any) -> dict[str, Any]:
+        """Deployment-handle route: a `router.PromptRequest` in, tokens and cache counters out."""
+        from tokenmill.serve.router import complete_for_handle
+
+        return await complete_for_handle(self.engine, request, self.replica_id)
+
     def check_health(self) -> None:
         """Ray Serve restarts the replica when this raises."""
         if not self.engine.is_healthy:
@@ -96,8 +104,12 @@ class LLMServer:
 
 def build_application(config: ServeConfig) -> Any:
     """The bound Serve application for `config` (replicas, resources, concurrency limits)."""
+    from tokenmill.serve.router import replica_placement, router_options
+
     options: dict[str, Any] = {
         "ray_actor_options": {"num_gpus": config.gpus_per_replica(), "num_cpus": config.num_cpus_per_replica},
+        **replica_placement(config),  # tensor parallel: a placement group of 1 + N bundles per replica
+        **router_options(config),
         # Admit at least a full batch per replica; the engine queues the rest.
         "max_ongoing_requests": max(2 * config.max_num_seqs, 8),
         "health_check_period_s": 10,
@@ -115,7 +127,10 @@ def build_application(config: ServeConfig) -> Any:
 
 def start(config: ServeConfig) -> str:
     """Start a fresh local Ray instance and the app; returns the base URL once every replica is ready."""
-    ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=False, log_to_driver=True)
+    if config.ray_address is not None:
+        ray.init(address=config.ray_address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=False, log_to_driver=True)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_application(config), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{config.host}:{config.port}"
