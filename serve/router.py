@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ray.serve.request_router import FIFOMixin, RequestRouter
+from ray.serve.request_router import RequestRouter
 
 DEFAULT_BLOCK_CHARS = 64
 DEFAULT_BLOCK_TOKENS = 16
@@ -117,6 +117,9 @@ class PrefixIndex:
         while len(seen) > self.max_blocks:
             seen.popitem(last=False)
 
+    def num_blocks(self, replica_id: Any) -> int:
+        return len(self.blocks.get(replica_id, ()))
+
     def remove(self, replica_id: Any) -> None:
         self.blocks.pop(replica_id, None)
 
@@ -145,8 +148,12 @@ def rank_by_prefix(matched: dict[Any, int], queue_lens: dict[Any, int], *, min_m
 
 
 # ---------------------------------------------------------------------------------------- router
-class PrefixAwareRouter(FIFOMixin, RequestRouter):
-    """Ray Serve request router: prefix affinity first, least-loaded as the tie-breaker."""
+class PrefixAwareRouter(RequestRouter):
+    """Ray Serve request router: prefix affinity first, least-loaded as the tie-breaker.
+
+    Not FIFO: the replica chosen for a request goes to that request (FIFOMixin would hand it to
+    the oldest pending one, whose prefix may live elsewhere).
+    """
 
     def initialize_state(self, block_chars: int = DEFAULT_BLOCK_CHARS, block_tokens: int = DEFAULT_BLOCK_TOKENS,
                          min_match_blocks: int = DEFAULT_MIN_MATCH_BLOCKS,
@@ -165,7 +172,14 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
         queue_lens = {rid: cache.get(rid) or 0 for rid in by_id}
         ranks = rank_by_prefix(self.index.match(key, by_id), queue_lens, min_match_blocks=self.min_match_blocks,
                                imbalance_threshold=self.imbalance_threshold)
-        return [[by_id[rid] for rid in rank] for rank in ranks]
+        if len(ranks[0]) > 1:
+            # Claim the prefix for the least-loaded replica now, so that requests routed before this one
+            # is answered follow it (the claim is confirmed or widened in on_request_routed).
+            # Ties (equal queues, often all unknown at a burst) go to the replica holding the fewest prefixes.
+            chosen = min(ranks[0], key=lambda rid: (queue_lens[rid], self.index.num_blocks(rid)))
+            self.index.insert(key, chosen)
+            ranks = [[chosen], [r for r in ranks[0] if r != chosen]] + ranks[1:]
+        return [[by_id[rid] for rid in rank] for rank in ranks if rank]
 
     def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
         key = None if pending_request is None else prompt_key(pending_request.args, pending_request.kwargs)
