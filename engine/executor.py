@@ -1,8 +1,8 @@
 """RayTPExecutor: tensor parallelism over Ray actors, with the same `run(batch) -> logits` as ModelRunner.
 
 The scheduler, block manager and outputs stay in the driver (the engine). Each step the executor
-packs the batch into one `StepInputs` message, puts it in the object store once and hands the same
-reference to every rank's `execute`; the ranks run their shards (all-reduces inside the forward)
+packs the batch into one `StepInputs` message (a few KB, inlined in the task; a large one is put in
+the object store once) and sends it to every rank's `execute`; the ranks run their shards (all-reduces inside the forward)
 and rank 0 returns the logits. A dead worker or a step past `step_timeout_s` marks the executor
 dead: that step and every later one raise `ExecutorDeadError` at once, nothing waits forever.
 """
@@ -22,6 +22,10 @@ from tokenmill.engine.tp_sharding import check_tensor_parallel
 from tokenmill.engine.tp_worker import TPWorker
 
 logger = logging.getLogger(__name__)
+
+# A message up to this size travels inside the task itself (Ray inlines small arguments); a larger one
+# goes to the object store once and every rank reads it from there.
+INLINE_MESSAGE_BYTES = 64 * 1024
 
 
 class ExecutorDeadError(RuntimeError):
@@ -119,7 +123,9 @@ class RayTPExecutor:
         import ray
 
         start = time.perf_counter()
-        message = ray.put(pack_step(batch))
+        message = pack_step(batch)
+        if message.nbytes > INLINE_MESSAGE_BYTES:
+            message = ray.put(message)  # once in the object store, read by every rank
         refs = [w.execute.remote(message) for w in self.workers]
         results = self._get(refs, self.parallel.step_timeout_s)
         logits, forward_s = results[0]
