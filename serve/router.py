@@ -11,8 +11,10 @@ routed there (bounded, least recently used first out).
 The router sees a request's arguments before it is routed, so it works on deployment-handle calls
 whose arguments carry the prompt (`PromptRequest`, any object or dict with `prompt_token_ids`,
 `prompt` or `messages`). An HTTP request reaching an ASGI ingress replica carries only the
-connection scope at routing time (the body is streamed afterwards), so such requests fall back to
-least-loaded routing.
+connection scope at routing time (the body is streamed afterwards); for those the router uses the
+request's Serve session id instead (the `x-session-id` header, e.g. a client's id for its system
+prompt, like OpenAI's `prompt_cache_key`): one session, one replica. Requests with neither are
+routed least-loaded.
 """
 
 from __future__ import annotations
@@ -47,6 +49,21 @@ def prompt_key(args: Iterable[Any], kwargs: dict[str, Any]) -> str | tuple[int, 
         if key is not None:
             return key
     return None
+
+
+class SessionKey(str):
+    """A client-given routing key (Serve's session id): one block, matched whole."""
+
+
+def request_key(pending_request: Any) -> str | tuple[int, ...] | None:
+    """A pending Serve request's routing key: its prompt, else its session id, else None."""
+    if pending_request is None:
+        return None
+    key = prompt_key(pending_request.args or (), pending_request.kwargs or {})
+    if key is None:
+        session = getattr(getattr(pending_request, "metadata", None), "session_id", None)
+        key = SessionKey(session) if session else None
+    return key
 
 
 def _as_key(value: Any) -> str | tuple[int, ...] | None:
@@ -90,6 +107,8 @@ class PrefixIndex:
 
     def block_hashes(self, key: str | tuple[int, ...]) -> list[int]:
         """Hashes of the key's full blocks, each chained to the ones before it."""
+        if isinstance(key, SessionKey):
+            return [hash(("session", str(key)))]
         size = self.block_chars if isinstance(key, str) else self.block_tokens
         hashes, prev = [], None
         for start in range(0, len(key) - size + 1, size):
@@ -164,7 +183,7 @@ class PrefixAwareRouter(RequestRouter):
         self.imbalance_threshold = imbalance_threshold
 
     async def choose_replicas(self, candidate_replicas: list, pending_request: Any = None) -> list[list]:
-        key = None if pending_request is None else prompt_key(pending_request.args, pending_request.kwargs)
+        key = request_key(pending_request)
         if key is None or not hasattr(self, "index"):
             return [candidate_replicas]
         by_id = {r.replica_id: r for r in candidate_replicas}
@@ -182,7 +201,7 @@ class PrefixAwareRouter(RequestRouter):
         return [[by_id[rid] for rid in rank] for rank in ranks if rank]
 
     def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
-        key = None if pending_request is None else prompt_key(pending_request.args, pending_request.kwargs)
+        key = request_key(pending_request)
         if key is not None and hasattr(self, "index"):
             self.index.insert(key, replica_id)
 

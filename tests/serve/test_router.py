@@ -13,9 +13,11 @@ from tokenmill.serve.router import (
     PrefixAwareRouter,
     PrefixIndex,
     PromptRequest,
+    SessionKey,
     prompt_key,
     rank_by_prefix,
     replica_placement,
+    request_key,
     router_options,
 )
 
@@ -32,6 +34,21 @@ def test_prompt_key_reads_prompts_messages_and_token_ids():
     # An HTTP request at an ASGI ingress carries only its scope: no prompt, least-loaded routing.
     assert prompt_key([SimpleNamespace(asgi_scope={"path": "/v1/completions"})], {}) is None
     assert prompt_key([""], {}) is None
+
+
+def test_http_requests_fall_back_to_the_session_id():
+    scope_only = SimpleNamespace(args=[SimpleNamespace(asgi_scope={})], kwargs={},
+                                 metadata=SimpleNamespace(session_id="system-7"))
+    key = request_key(scope_only)
+    assert isinstance(key, SessionKey) and key == "system-7"
+    index = PrefixIndex()
+    index.insert(key, "r1")
+    assert index.match(SessionKey("system-7"), ["r1", "r2"]) == {"r1": 1, "r2": 0}
+    assert index.match("system-7", ["r1"]) == {"r1": 0}  # a prompt is never confused with a session
+    scope_only.metadata.session_id = ""
+    assert request_key(scope_only) is None
+    with_prompt = SimpleNamespace(args=[PromptRequest(prompt="p")], kwargs={}, metadata=SimpleNamespace(session_id="s"))
+    assert request_key(with_prompt) == "p"
 
 
 def test_index_matches_leading_blocks_only():
