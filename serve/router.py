@@ -28,7 +28,7 @@ from ray.serve.request_router import RequestRouter
 DEFAULT_BLOCK_CHARS = 64
 DEFAULT_BLOCK_TOKENS = 16
 DEFAULT_MIN_MATCH_BLOCKS = 1
-DEFAULT_IMBALANCE_THRESHOLD = 16
+DEFAULT_IMBALANCE_THRESHOLD = 8
 DEFAULT_MAX_BLOCKS_PER_REPLICA = 200_000
 
 
@@ -150,8 +150,11 @@ class PrefixIndex:
 
 def rank_by_prefix(matched: dict[Any, int], queue_lens: dict[Any, int], *, min_match_blocks: int,
                    imbalance_threshold: int) -> list[list[Any]]:
-    """Replica ids in ranks: the longest prefix match first (unless overloaded), then the rest.
+    """Replica ids in ranks: the replicas holding the longest prefix match, or all of them.
 
+    With a match, only the matching replicas are offered: when they are full the request waits for
+    them (Serve retries with backoff) rather than recomputing its prefix elsewhere, unless they run
+    more than `imbalance_threshold` requests above the least-loaded replica, where load wins.
     Within a rank the caller picks the least-loaded replica, so load breaks ties.
     """
     ids = list(matched)
@@ -162,8 +165,7 @@ def rank_by_prefix(matched: dict[Any, int], queue_lens: dict[Any, int], *, min_m
     preferred = [r for r in ids if matched[r] == best and queue_lens.get(r, 0) - least <= imbalance_threshold]
     if not preferred:
         return [ids]
-    rest = [r for r in ids if r not in preferred]
-    return [preferred, rest] if rest else [preferred]
+    return [preferred]
 
 
 # ---------------------------------------------------------------------------------------- router
@@ -197,7 +199,7 @@ class PrefixAwareRouter(RequestRouter):
             # Ties (equal queues, often all unknown at a burst) go to the replica holding the fewest prefixes.
             chosen = min(ranks[0], key=lambda rid: (queue_lens[rid], self.index.num_blocks(rid)))
             self.index.insert(key, chosen)
-            ranks = [[chosen], [r for r in ranks[0] if r != chosen]] + ranks[1:]
+            ranks = [[chosen], [r for r in ranks[0] if r != chosen]]
         return [[by_id[rid] for rid in rank] for rank in ranks if rank]
 
     def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:

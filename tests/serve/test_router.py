@@ -80,10 +80,12 @@ def test_bad_index_sizes_are_value_errors():
 def test_rank_prefers_longest_match_then_load():
     matched = {"a": 3, "b": 3, "c": 1}
     ranks = rank_by_prefix(matched, {"a": 2, "b": 0, "c": 0}, min_match_blocks=1, imbalance_threshold=4)
-    assert ranks == [["a", "b"], ["c"]]  # Serve picks the least loaded inside the first rank: b
+    assert ranks == [["a", "b"]]  # Serve picks the least loaded of the two: b; c is not offered
     # The best-matching replica is overloaded: affinity yields to load balance.
     ranks = rank_by_prefix({"a": 3, "b": 0}, {"a": 10, "b": 0}, min_match_blocks=1, imbalance_threshold=4)
     assert ranks == [["a", "b"]]
+    # Both busy but within the threshold: the request waits for its replica.
+    assert rank_by_prefix({"a": 3, "b": 0}, {"a": 16, "b": 13}, min_match_blocks=1, imbalance_threshold=4) == [["a"]]
     # No replica holds enough of the prefix: one rank, least loaded wins.
     assert rank_by_prefix({"a": 0, "b": 0}, {}, min_match_blocks=1, imbalance_threshold=4) == [["a", "b"]]
     assert rank_by_prefix({"a": 2, "b": 1}, {}, min_match_blocks=3, imbalance_threshold=4) == [["a", "b"]]
