@@ -2,9 +2,9 @@
 
 `PrefixAwareRouter` sends a request whose prompt starts like an earlier one to the replica that
 served it, where the engine's prefix cache most likely still holds those KV blocks; load is the
-tie-breaker (Serve picks the least-loaded replica inside each rank the router returns) and the
-guard (a replica more than `imbalance_threshold` requests busier than the least-loaded one loses
-its affinity). Prompts are cut into chained blocks (`block_chars` characters of text, or
+tie-breaker (Serve picks the least-loaded replica among equal matches), a new prefix goes to the
+replica holding the fewest prefix blocks, and an optional guard (a replica more than
+`imbalance_threshold` requests busier than the least-loaded one loses its affinity) is off by default. Prompts are cut into chained blocks (`block_chars` characters of text, or
 `block_tokens` token ids) and the router remembers, per replica, the hashes of the blocks it
 routed there (bounded, least recently used first out).
 
@@ -28,7 +28,7 @@ from ray.serve.request_router import RequestRouter
 DEFAULT_BLOCK_CHARS = 64
 DEFAULT_BLOCK_TOKENS = 16
 DEFAULT_MIN_MATCH_BLOCKS = 1
-DEFAULT_IMBALANCE_THRESHOLD = 8
+DEFAULT_IMBALANCE_THRESHOLD: int | None = None  # None: affinity always wins, load only breaks ties
 DEFAULT_MAX_BLOCKS_PER_REPLICA = 200_000
 
 
@@ -149,12 +149,12 @@ class PrefixIndex:
 
 
 def rank_by_prefix(matched: dict[Any, int], queue_lens: dict[Any, int], *, min_match_blocks: int,
-                   imbalance_threshold: int) -> list[list[Any]]:
+                   imbalance_threshold: int | None) -> list[list[Any]]:
     """Replica ids in ranks: the replicas holding the longest prefix match, or all of them.
 
     With a match, only the matching replicas are offered: when they are full the request waits for
     them (Serve retries with backoff) rather than recomputing its prefix elsewhere, unless they run
-    more than `imbalance_threshold` requests above the least-loaded replica, where load wins.
+    more than `imbalance_threshold` requests above the least-loaded replica (None: never), where load wins.
     Within a rank the caller picks the least-loaded replica, so load breaks ties.
     """
     ids = list(matched)
@@ -162,7 +162,8 @@ def rank_by_prefix(matched: dict[Any, int], queue_lens: dict[Any, int], *, min_m
     if best < min_match_blocks:
         return [ids]
     least = min((queue_lens.get(r, 0) for r in ids), default=0)
-    preferred = [r for r in ids if matched[r] == best and queue_lens.get(r, 0) - least <= imbalance_threshold]
+    limit = float("inf") if imbalance_threshold is None else imbalance_threshold
+    preferred = [r for r in ids if matched[r] == best and queue_lens.get(r, 0) - least <= limit]
     if not preferred:
         return [ids]
     return [preferred]
@@ -178,7 +179,7 @@ class PrefixAwareRouter(RequestRouter):
 
     def initialize_state(self, block_chars: int = DEFAULT_BLOCK_CHARS, block_tokens: int = DEFAULT_BLOCK_TOKENS,
                          min_match_blocks: int = DEFAULT_MIN_MATCH_BLOCKS,
-                         imbalance_threshold: int = DEFAULT_IMBALANCE_THRESHOLD,
+                         imbalance_threshold: int | None = DEFAULT_IMBALANCE_THRESHOLD,
                          max_blocks_per_replica: int = DEFAULT_MAX_BLOCKS_PER_REPLICA) -> None:
         self.index = PrefixIndex(block_chars, block_tokens, max_blocks_per_replica)
         self.min_match_blocks = min_match_blocks
@@ -195,11 +196,13 @@ class PrefixAwareRouter(RequestRouter):
                                imbalance_threshold=self.imbalance_threshold)
         if len(ranks[0]) > 1:
             # Claim the prefix for the least-loaded replica now, so that requests routed before this one
-            # is answered follow it (the claim is confirmed or widened in on_request_routed).
-            # Ties (equal queues, often all unknown at a burst) go to the replica holding the fewest prefixes.
-            chosen = min(ranks[0], key=lambda rid: (queue_lens[rid], self.index.num_blocks(rid)))
+            # is answered follow it; no fallback rank: a second replica served from a fallback would
+            # match the prefix too, and the prefix would spread over every replica.
+            # A new prefix goes to the replica holding the fewest prefix blocks (queue lengths, often all
+            # unknown in a burst, break ties): prefixes, and with them the load, spread evenly.
+            chosen = min(ranks[0], key=lambda rid: (self.index.num_blocks(rid), queue_lens[rid]))
             self.index.insert(key, chosen)
-            ranks = [[chosen], [r for r in ranks[0] if r != chosen]]
+            ranks = [[chosen]]
         return [[by_id[rid] for rid in rank] for rank in ranks if rank]
 
     def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:

@@ -17,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from typing import Any
@@ -90,15 +91,21 @@ def server_command(num_replicas: int, args: argparse.Namespace) -> list[str]:
 
 def start_server(num_replicas: int, args: argparse.Namespace) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.serve_threads), MKL_NUM_THREADS=str(args.serve_threads))
-    return subprocess.Popen(server_command(num_replicas, args), env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"tokenmill-serve-{num_replicas}-", suffix=".log", delete=False)
+    server = subprocess.Popen(server_command(num_replicas, args), env=env, stdin=subprocess.DEVNULL,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server.log_path = log.name  # type: ignore[attr-defined]
+    return server
 
 
 def wait_ready(base_url: str, server: subprocess.Popen, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"the server exited with code {server.returncode} before it was ready")
+            with open(server.log_path, encoding="utf-8", errors="replace") as f:
+                tail = f.read()[-3000:]
+            raise RuntimeError(f"the server exited with code {server.returncode} before it was ready; "
+                               f"its log ({server.log_path}) ends:\n{tail}")
         try:
             with urllib.request.urlopen(f"{base_url}/v1/models", timeout=5) as response:
                 if response.status == 200:
