@@ -43,10 +43,9 @@ def run_replica_scaling(args: argparse.Namespace) -> int:
 
     rows = []
     for num_replicas in args.replicas:
-        server = start_server(num_replicas, args)
+        args.base_url = f"http://127.0.0.1:{args.serve_port}"
+        server = start_ready_server(num_replicas, args)
         try:
-            args.base_url = f"http://127.0.0.1:{args.serve_port}"
-            wait_ready(args.base_url, server, args.serve_startup_timeout)
             cpu_before = tree_cpu_s(server.pid)
             report = asyncio.run(_bench(args))
             cpu_s = tree_cpu_s(server.pid) - cpu_before
@@ -96,6 +95,21 @@ def start_server(num_replicas: int, args: argparse.Namespace) -> subprocess.Pope
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server.log_path = log.name  # type: ignore[attr-defined]
     return server
+
+
+def start_ready_server(num_replicas: int, args: argparse.Namespace, attempts: int = 2) -> subprocess.Popen:
+    """A started server that answers; a start that fails (e.g. Ray timing out on a busy machine) is retried."""
+    for attempt in range(attempts):
+        server = start_server(num_replicas, args)
+        try:
+            wait_ready(args.base_url, server, args.serve_startup_timeout)
+            return server
+        except (RuntimeError, TimeoutError) as error:
+            stop_server(server)
+            if attempt == attempts - 1:
+                raise
+            print(f"-- server start failed, retrying: {str(error).splitlines()[0]}", flush=True)
+    raise AssertionError("unreachable")
 
 
 def wait_ready(base_url: str, server: subprocess.Popen, timeout_s: float) -> None:
