@@ -175,7 +175,8 @@ class AsyncLLMEngine:
 
     @property
     def is_healthy(self) -> bool:
-        return all(c.is_alive for c in self.cores)
+        engines = [core.engine for core in self._local_cores]  # tensor-parallel workers report here
+        return all(c.is_alive for c in self.cores) and all(getattr(e, "is_healthy", True) for e in engines)
 
     @property
     def dead_reason(self) -> str | None:

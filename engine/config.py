@@ -65,6 +65,25 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1  # ranks sharing one model (Ray actors, one per GPU); 1: no workers
+    ray_address: str | None = None  # Ray cluster to join when Ray is not started yet (None: a local one)
+    worker_num_cpus: float = 1.0  # Ray CPUs reserved per rank
+    worker_num_threads: int | None = None  # torch threads per rank (None: torch's default)
+    step_timeout_s: float = 120.0  # a step (or collective) longer than this marks the workers dead
+    startup_timeout_s: float = 300.0  # placing, starting and loading the workers
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is invalid: allowed an integer >= 1")
+        for name in ("step_timeout_s", "startup_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: allowed a number > 0")
+        if self.worker_num_threads is not None and self.worker_num_threads < 1:
+            raise ValueError(f"worker_num_threads={self.worker_num_threads} is invalid: allowed an integer >= 1")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
@@ -72,3 +91,4 @@ class EngineConfig:
     # True: every step eager. False: decode steps through the compiled forward (+ CUDA graphs on
     # CUDA). None: the device's default (see model_runner.resolve_enforce_eager).
     enforce_eager: bool | None = None
+    parallel: ParallelConfig = ParallelConfig()

@@ -13,9 +13,10 @@ import torch
 
 from tokenmill.engine.attention_backend import register_attention
 from tokenmill.engine.block_manager import BlockManager
-from tokenmill.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tokenmill.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.errors import QueueFullError
+from tokenmill.engine.executor import make_executor
 from tokenmill.engine.model_loader import LoadedModel, load_model
 from tokenmill.engine.model_runner import ModelRunner, kv_bytes_per_block, resolve_enforce_eager
 from tokenmill.engine.output_processor import request_output
@@ -62,10 +63,13 @@ class LLMEngine:
         configure_threads(config.model.num_threads)
         device, dtype = resolve_device_dtype(config.model.device, config.model.dtype)
         check_quantization(config.model.quantization, device if loaded is None else None)
+        tensor_parallel = config.parallel.tensor_parallel_size > 1
+        if tensor_parallel and config.scheduler.async_scheduling:
+            raise ValueError("async_scheduling=True is invalid with tensor_parallel_size > 1: allowed False")
         if loaded is None:
             loaded = load_model(
                 config.model.model,
-                device=device,
+                device="cpu" if tensor_parallel else device,  # tensor parallel: the workers hold the weights
                 dtype=dtype,
                 cache_dir=config.model.cache_dir,
                 attn_implementation=register_attention(),
@@ -79,7 +83,7 @@ class LLMEngine:
         self.loaded = loaded
         self.model = loaded.model
         param = next(self.model.parameters())
-        device, dtype = param.device, param.dtype
+        device, dtype = (device, dtype) if tensor_parallel else (param.device, param.dtype)
         if getattr(self.model.config, "_attn_implementation", None) != register_attention():
             # A model loaded elsewhere: route its attention through the paged cache.
             self.model.set_attn_implementation(register_attention())
@@ -91,11 +95,15 @@ class LLMEngine:
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
 
         self.enforce_eager = resolve_enforce_eager(config.enforce_eager, device)
-        num_blocks = self._num_kv_blocks(config.cache, device, dtype)
+        if tensor_parallel:
+            self.runner = make_executor(config, loaded, device, dtype, self.scheduler_config)
+            num_blocks = self.runner.num_blocks  # the least any rank can hold
+        else:
+            num_blocks = self._num_kv_blocks(config.cache, device, dtype)
+            self.runner = self._make_runner(num_blocks)
+            self.runner.capture_graphs()
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
-        self.runner = self._make_runner(num_blocks)
-        self.runner.capture_graphs()
         self.updater = StepUpdater(
             self.block_manager, self.tokenizer, self.max_model_len, async_scheduling=self.scheduler_config.async_scheduling
         )
@@ -139,6 +147,8 @@ class LLMEngine:
         seed: int = 0,
         quantization: str | None = None,
         num_threads: int | None = None,
+        tensor_parallel_size: int = 1,
+        ray_address: str | None = None,
         loaded: LoadedModel | None = None,
     ) -> "LLMEngine":
         config = EngineConfig(
@@ -162,6 +172,7 @@ class LLMEngine:
                 async_scheduling=async_scheduling,
             ),
             enforce_eager=enforce_eager,
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size, ray_address=ray_address),
         )
         return cls(config, loaded)
 
@@ -225,6 +236,11 @@ class LLMEngine:
             text = None
             token_ids = [int(t) for t in prompt]
         self._validate_prompt(token_ids)
+        if params.prompt_logprobs is not None and self.config.parallel.tensor_parallel_size > 1:
+            raise ValueError(
+                f"SamplingParams.prompt_logprobs={params.prompt_logprobs} is invalid with tensor_parallel_size > 1: "
+                "allowed None"
+            )
         self._validate_param_token_ids(params)
         max_new = params.max_tokens_for(len(token_ids))
         if max_new is None:
@@ -374,6 +390,17 @@ class LLMEngine:
             generation_tokens_total=self.generation_tokens_total,
             prefix_cache_hit_blocks_total=bm.num_cache_hits,
         )
+
+    @property
+    def is_healthy(self) -> bool:
+        """False once the model can no longer run (a tensor-parallel worker died)."""
+        return getattr(self.runner, "is_healthy", True)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (safe to call twice)."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
 
     @property
     def kv_cache_capacity_tokens(self) -> int:

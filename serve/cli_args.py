@@ -31,6 +31,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enforce-eager", action="store_true", default=None,
                        help="Run every step eager: no compiled forward, no CUDA graphs "
                             "(default: compiled with CUDA graphs on CUDA, eager on the CPU).")
+    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                       help="Shard the model over N ranks (Ray actors, one GPU each) (default 1).")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -50,6 +52,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "quantization": args.quantization,
         "num_threads": args.num_threads,
         "enforce_eager": args.enforce_eager,
+        "tensor_parallel_size": args.tensor_parallel_size,
     }
     if args.kv_cache_memory_gb is not None:
         kwargs["kv_cache_memory_bytes"] = int(args.kv_cache_memory_gb * 1024**3)

@@ -43,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="CPUs per engine core; Ray sets its torch threads from it (default 1).")
     group.add_argument("--num-cpus-per-api-replica", type=float, default=0.5)
     group.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs for the local Ray instance (default: all).")
+    group.add_argument("--address", default=None,
+                       help="Join this Ray cluster ('auto': the one `ray start --head` started) instead of a local one.")
+    group.add_argument("--prefix-routing", action="store_true",
+                       help="Route requests sharing a prompt prefix to the replica that caches it.")
     add_engine_args(parser)
     parser.set_defaults(func=run)
 
@@ -58,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         num_gpus_per_replica=args.num_gpus_per_replica, num_cpus_per_replica=args.num_cpus_per_replica,
         ray_num_cpus=args.ray_num_cpus, api_key=args.api_key, served_model_name=args.served_model_name,
         request_timeout_s=args.request_timeout_s, engine_kwargs=engine_kwargs(args),
+        ray_address=args.address, prefix_routing=args.prefix_routing,
     )
     api = (f"{config.min_replicas}..{config.max_replicas} (autoscaling)" if config.min_replicas is not None
            else str(config.api_replicas))

@@ -51,6 +51,8 @@ class ServeConfig:
     served_model_name: str | None = None
     request_timeout_s: float | None = None
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # LLMEngine.from_args keywords
+    ray_address: str | None = None  # join this Ray cluster ("auto": the running one) instead of a local one
+    prefix_routing: bool = False  # serve.router.PrefixAwareRouter instead of Serve's power-of-two router
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -158,6 +160,12 @@ class LLMServer:
                 await asyncio.to_thread(self.engine.replace_core, index, address)
                 logger.info("API replica %s: connected to the new engine core %s", self.replica_id, core_id)
 
+    async def generate_tokens(self, request: Any) -> dict[str, Any]:
+        """Deployment-handle route: a `router.PromptRequest` in, tokens and cache counters out."""
+        from tokenmill.serve.router import complete_for_handle
+
+        return await complete_for_handle(self.engine, request, self.replica_id)
+
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
@@ -166,17 +174,23 @@ class LLMServer:
 
 def build_application(config: ServeConfig) -> Any:
     """The bound Serve application: `num_replicas` engine cores, `api_replicas` API replicas sharing them."""
+    from tokenmill.serve.router import replica_placement, router_options
+
     shutdown = {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": 2}
+    core_options = {
+        "ray_actor_options": {"num_gpus": config.gpus_per_replica(), "num_cpus": config.num_cpus_per_replica},
+        **replica_placement(config),  # tensor parallel: a placement group of 1 + N bundles per core
+    }
     cores = [
         EngineCoreServer.options(
             name="EngineCore" if i == 0 else f"EngineCore{i}", num_replicas=1,
-            ray_actor_options={"num_gpus": config.gpus_per_replica(), "num_cpus": config.num_cpus_per_replica},
-            health_check_period_s=2, health_check_timeout_s=30, **shutdown,
+            health_check_period_s=2, health_check_timeout_s=30, **core_options, **shutdown,
         ).bind(config)
         for i in range(config.num_replicas)
     ]
     options: dict[str, Any] = {
         "ray_actor_options": {"num_gpus": 0, "num_cpus": config.num_cpus_per_api_replica},
+        **router_options(config),
         # Admit at least a full batch of every core per replica; the cores queue the rest.
         "max_ongoing_requests": max(2 * config.max_num_seqs * config.num_replicas, 8),
         "health_check_period_s": 1, **shutdown,
@@ -193,12 +207,16 @@ def build_application(config: ServeConfig) -> Any:
 
 
 def start(config: ServeConfig, *, handle_signals: bool = False) -> str:
-    """Start a fresh local Ray instance and the app; returns the base URL once every replica is ready.
+    """Start Ray (a fresh local instance, or the cluster at `config.ray_address`) and the app; returns
+    the base URL once every replica is ready.
 
     With `handle_signals`, SIGTERM (and SIGINT when a shell ignored it) raise KeyboardInterrupt in
     the main thread from the moment Ray is up (ray.init installs handlers of its own).
     """
-    ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=False, log_to_driver=True)
+    if config.ray_address is not None:
+        ray.init(address=config.ray_address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=False, log_to_driver=True)
     if handle_signals:
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` stops as cleanly as Ctrl-C
         if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background by a shell

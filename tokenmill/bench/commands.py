@@ -23,6 +23,10 @@ def _run_throughput(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    if getattr(args, "replicas", None):
+        from tokenmill.bench.replica_scaling import run_replica_scaling
+
+        return run_replica_scaling(args)
     from tokenmill.bench.serve import run_serve_bench
 
     return run_serve_bench(args)
@@ -39,7 +43,10 @@ def add_throughput_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 def add_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from tokenmill.bench.serve_args import add_serve_bench_args
 
+    from tokenmill.bench.replica_scaling import add_scaling_args
+
     add_serve_bench_args(parser)
+    add_scaling_args(parser)
     parser.set_defaults(func=_run_serve)
     return parser
 
