@@ -138,7 +138,14 @@ class AsyncLLMEngine:
         from tokenmill.serve.engine_core import EngineCore
 
         config = AsyncEngineConfig(request_timeout_s=request_timeout_s, stream_interval=stream_interval)
-        core = EngineCore(LLMEngine.from_args(model, **engine_kwargs), bind=f"inproc://tokenmill-core-{uuid.uuid4().hex}")
+        return cls.from_engine(LLMEngine.from_args(model, **engine_kwargs), config)
+
+    @classmethod
+    def from_engine(cls, engine: Any, config: AsyncEngineConfig | None = None) -> "AsyncLLMEngine":
+        """A front for an `LLMEngine` built by the caller: its core runs in a thread of this process."""
+        from tokenmill.serve.engine_core import EngineCore
+
+        core = EngineCore(engine, bind=f"inproc://tokenmill-core-{uuid.uuid4().hex}")
         core.start()
         try:
             connection = CoreConnection(core.address, context=core.context)
