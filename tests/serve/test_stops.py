@@ -26,7 +26,8 @@ def session_processes(sid: int) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter():
         try:
-            if os.getsid(process.pid) == sid:
+            # A zombie has exited (the test's own child stays one until it is reaped): not left over.
+            if os.getsid(process.pid) == sid and process.status() != psutil.STATUS_ZOMBIE:
                 found.append(process)
         except (ProcessLookupError, PermissionError, psutil.Error):
             continue
