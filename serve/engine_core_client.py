@@ -119,10 +119,12 @@ class CoreConnection:
                 raise EngineDeadError(f"the engine is not running: {self.dead_reason}")
             self._num_added += counts
             self._commands.put(command)
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:  # the pipe is full: the thread is awake already
-            pass
+            # Written under the lock: the I/O thread closes the pipe only after it has marked the
+            # connection dead under this lock, so the descriptor is still open here.
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:  # the pipe is full: the thread is awake already
+                pass
 
     # ------------------------------------------------------------------ I/O thread
     def _run(self) -> None:
