@@ -28,6 +28,7 @@ from tokenmill.serve.engine_core_messages import decode_params, pack, pack_promp
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 200  # how often an idle loop looks at its stop flag
+PROMPT_LOGPROBS_SENT = -1  # key in a request's sent-token counts: its prompt scores went out
 
 
 @dataclass
@@ -169,9 +170,14 @@ class EngineCore:
             client = self._owner.get(rid)
             if client is None:
                 continue  # aborted meanwhile
-            sequences = take_new_tokens(output, self._num_sent[rid])
+            num_sent = self._num_sent[rid]
+            sequences = take_new_tokens(output, num_sent)
+            prompt_logprobs = None
+            if output.prompt_logprobs is not None and PROMPT_LOGPROBS_SENT not in num_sent:
+                prompt_logprobs = pack_prompt_logprobs(output.prompt_logprobs)  # once, when the prompt is scored
+                num_sent[PROMPT_LOGPROBS_SENT] = 1
             replies[client].outputs.append([rid, output.finished, output.error, output.num_cached_tokens, sequences,
-                                            pack_prompt_logprobs(output.prompt_logprobs)])
+                                            prompt_logprobs])
             if output.finished:
                 del self._owner[rid], self._num_sent[rid]
 

@@ -7,7 +7,7 @@ API side -> core (DEALER -> ROUTER), one msgpack list per message:
 Core -> API side, once per engine step (and after commands that change the engine's state):
     ["step", outputs, accepted_ids, rejected, stats]
         outputs:  [[request_id, finished, error, num_cached_tokens, sequences, prompt_logprobs], ...]
-        prompt_logprobs: [logprobs, ranks] of engine.outputs.PromptLogprobs, or None (not asked, or not scored yet)
+        prompt_logprobs: [logprobs, ranks] of engine.outputs.PromptLogprobs, sent once, when the prompt is scored (else None)
         sequence: [index, start, new_token_ids, new_logprobs, cumulative_logprob, finish_reason, stop_reason, score]
                   (`start`: how many of the sequence's tokens the API side keeps before appending the new ones)
         rejected: [[request_id, kind, message], ...]   kind: "value" | "queue_full" | "internal"
@@ -37,11 +37,10 @@ def unpack(payload: bytes) -> list[Any]:
 
 
 def core_params(params: SamplingParams) -> SamplingParams:
-    """The parameters the core runs with: stop strings are matched on the API side (which aborts the
-    request at the core on a match), so the core never needs the text."""
-    # With the engine's delta outputs this also sets output_kind="delta", detokenize=False.
-    # The core never detokenizes: text and stop strings are the API side's.
-    return params.replace(stop=(), include_stop_str_in_output=False, detokenize=False)
+    """The parameters the core runs with: only what is new each step (output_kind="delta"), and no
+    text. Detokenization and stop strings are the API side's (a stop-string match aborts the
+    request at the core)."""
+    return params.replace(stop=(), include_stop_str_in_output=False, detokenize=False, output_kind="delta")
 
 
 def encode_params(params: SamplingParams) -> dict[str, Any]:
@@ -60,25 +59,16 @@ def decode_params(fields: dict[str, Any]) -> SamplingParams:
 
 
 def take_new_tokens(output: RequestOutput, num_sent: dict[int, int]) -> list[list[Any]]:
-    """The sequences of a (cumulative) engine output as deltas against what was sent before.
+    """The sequences of a delta engine output (core_params), each with its `start`.
 
-    `num_sent` (sequence index -> tokens sent; -1 once its end was sent) is updated. This is the one place that turns the
-    engine's cumulative outputs into deltas; with SamplingParams(output_kind="delta") it becomes a
-    pass-through of the engine's own deltas.
+    `num_sent` (sequence index -> tokens sent so far) is updated. Beam search reports each
+    hypothesis once, whole, at the end: its start is 0.
     """
     sequences = []
     for out in output.outputs:
         start = num_sent.get(out.index, 0)
-        if start < 0:
-            continue  # finished, and already reported
-        if start > len(out.token_ids):  # the sequence was rewritten (beam search reports once, at the end)
-            start = 0
-        new_ids = out.token_ids[start:]
-        new_logprobs = out.logprobs[start:] if out.logprobs is not None else None
-        num_sent[out.index] = len(out.token_ids) if out.finish_reason is None else -1
-        if not new_ids and out.finish_reason is None:
-            continue
-        sequences.append([out.index, start, list(new_ids), new_logprobs, out.cumulative_logprob,
+        num_sent[out.index] = start + len(out.token_ids)
+        sequences.append([out.index, start, list(out.token_ids), out.logprobs, out.cumulative_logprob,
                           out.finish_reason, out.stop_reason, out.score])
     return sequences
 
