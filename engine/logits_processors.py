@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from tokenmill.engine.device_copy import host_to_device, to_device
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.kernels.ngram import ban_ngrams
 from tokenmill.kernels.penalties import apply_penalties
@@ -116,7 +117,7 @@ def _take_rows(logits: torch.Tensor, row_ids: list[int]) -> tuple[torch.Tensor, 
     """The sub-batch `row_ids` (a view of all rows when it is the whole batch) and its index for write-back."""
     if len(row_ids) == logits.shape[0]:
         return logits, None
-    index = torch.tensor(row_ids, dtype=torch.long, device=logits.device)
+    index = to_device(row_ids, torch.long, logits.device)
     return logits.index_select(0, index), index
 
 
@@ -138,16 +139,16 @@ def _run_penalties(
     """One `apply_penalties` call: repetition -> presence/frequency -> logit_bias -> bans."""
     vocab_size = logits.shape[1]
     device = logits.device
-    prompt_lens = torch.tensor(
-        [min(r.num_prompt_tokens, len(h)) for r, h in zip(rows, histories)], dtype=torch.int32, device=device
+    prompt_lens = to_device(
+        [min(r.num_prompt_tokens, len(h)) for r, h in zip(rows, histories)], torch.int32, device
     )  # [num_rows]
 
     def per_row(name: str) -> torch.Tensor:  # [num_rows]
-        return torch.tensor([float(getattr(r.params, name)) for r in rows], dtype=torch.float32, device=device)
+        return to_device([float(getattr(r.params, name)) for r in rows], torch.float32, device)
 
     banned_ids = None
     if any(banned_lists):
-        banned_ids = _padded(banned_lists, max(map(len, banned_lists)), torch.int64, -1).to(device)  # [num_rows, K]
+        banned_ids = host_to_device(_padded(banned_lists, max(map(len, banned_lists)), torch.int64, -1), device)  # [num_rows, K]
     bias_ids = bias_values = None
     biases = [r.params.logit_bias or {} for r in rows]
     if any(biases):
@@ -207,15 +208,15 @@ def apply_processors(logits: torch.Tensor, rows: Sequence[RowInput]) -> torch.Te
     needs_history = [uses_penalties(r.params) or r.params.no_repeat_ngram_size > 0 for r in sub_rows]
     histories = [r.token_ids if need else () for r, need in zip(sub_rows, needs_history)]
     width = max(len(h) for h in histories)
-    token_ids = _padded(histories, width, torch.int64, -1).to(device)  # [num_sub, max_len]
-    seq_lens = torch.tensor([len(h) for h in histories], dtype=torch.int32, device=device)  # [num_sub]
+    token_ids = host_to_device(_padded(histories, width, torch.int64, -1), device)  # [num_sub, max_len]
+    seq_lens = to_device([len(h) for h in histories], torch.int32, device)  # [num_sub]
 
     if penalty_rows:
         banned_lists = [bans.get(i, []) for i in row_ids]
         sub = _run_penalties(sub, sub_rows, histories, banned_lists, token_ids, seq_lens)
     if ngram_rows:
-        ngram_size = torch.tensor(
-            [r.params.no_repeat_ngram_size for r in sub_rows], dtype=torch.int32, device=device
+        ngram_size = to_device(
+            [r.params.no_repeat_ngram_size for r in sub_rows], torch.int32, device
         )  # [num_sub]; rows with a history shorter than n ban nothing
         sub = ban_ngrams(sub, token_ids, seq_lens, ngram_size)
     return _put_rows(logits, sub, index)
@@ -226,7 +227,7 @@ def sampling_tensors(rows: Sequence[RowInput], device: torch.device | str) -> Sa
     """HF warper parameters per row for `kernels.sampling`; greedy rows get neutral values."""
 
     def col(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
+        return to_device(values, dtype, device)
 
     sampled = [r.params.do_sample for r in rows]
     return SamplingTensors(
@@ -282,8 +283,8 @@ def _apply_extra_warper(
     if not row_ids:
         return logits
     sub, index = _take_rows(logits, row_ids)
-    values = torch.tensor(
-        [[float(getattr(rows[i].params, name))] for i in row_ids], dtype=torch.float32, device=logits.device
+    values = to_device(
+        [[float(getattr(rows[i].params, name))] for i in row_ids], torch.float32, logits.device
     )  # [n, 1]
     return _put_rows(logits, fn(sub, values, min_tokens_to_keep), index)
 

@@ -1,7 +1,8 @@
 """Next tokens for the non-beam rows of a step: processors -> warpers/filters -> draw (kernels).
 
 Greedy rows take an argmax; sampled rows go through the sampling kernel (the torch path on the CPU).
-A batch that mixes both runs each kind once, and the ids and log-probs come to the host in one copy.
+A batch that mixes both runs each kind once, and the ids and log-probs come to the host in one copy,
+started without waiting: the host waits for it only when it reads the ids.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.engine.device_copy import HostCopy, to_device
 from tokenmill.engine.logits_processors import RowInput, apply_processors, apply_warpers
 from tokenmill.kernels.sampling import greedy_argmax, sample
 
@@ -34,26 +36,46 @@ class SampleRow:
         return p.do_sample and (p.typical_p < 1.0 or p.epsilon_cutoff > 0 or p.eta_cutoff > 0)
 
 
-@dataclass
 class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[float]
-    top_logprobs: list[dict[int, float] | None]
-    token_tensor: torch.Tensor | None = None  # [num_rows] int64 on the logits' device (the same ids)
+    """One step's draws. The ids stay on the device (`token_tensor`, what the next overlapped step
+    reads); their host copy is started at once and waited for only when `token_ids` / `logprobs`
+    are first read."""
+
+    def __init__(self, token_tensor: torch.Tensor, logprob_tensor: torch.Tensor,
+                 top_logprobs: list[dict[int, float] | None]) -> None:
+        self.token_tensor = token_tensor  # [num_rows] int64 on the logits' device
+        self.top_logprobs = top_logprobs
+        # One device-to-host copy for ids and log-probs (ids are exact in float64).
+        self._host = HostCopy(torch.stack([token_tensor.to(torch.float64), logprob_tensor.to(torch.float64)]))
+        self._lists: tuple[list[int], list[float]] | None = None
+
+    def _read(self) -> tuple[list[int], list[float]]:
+        if self._lists is None:
+            host = self._host.get()  # [2, num_rows]
+            self._lists = ([int(t) for t in host[0].tolist()], host[1].tolist())
+        return self._lists
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._read()[0]
+
+    @property
+    def logprobs(self) -> list[float]:
+        return self._read()[1]
 
 
 def _rows_index(row_ids: list[int], num_rows: int, device) -> torch.Tensor | None:
     """Index of a sub-batch, or None when it is the whole batch (no gather needed)."""
     if len(row_ids) == num_rows:
         return None
-    return torch.tensor(row_ids, dtype=torch.int64, device=device)
+    return to_device(row_ids, torch.int64, device)
 
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
         device = logits.device
         num_rows = len(rows)
-        index = torch.tensor([r.logits_index for r in rows], dtype=torch.int64, device=device)
+        index = to_device([r.logits_index for r in rows], torch.int64, device)
         x = logits.index_select(0, index)  # [num_rows, vocab], a copy the processors may change in place
         x = apply_processors(x, [r.row for r in rows])
 
@@ -72,10 +94,8 @@ class Sampler:
                 token_ids.index_copy_(0, sub, tokens)
                 logprobs.index_copy_(0, sub, lps)
 
-        # One device-to-host copy for ids and log-probs (ids are exact in float64).
-        host = torch.stack([token_ids.to(torch.float64), logprobs.to(torch.float64)]).cpu()  # [2, num_rows]
-        top = self._top_logprobs(x, rows, token_ids)
-        return SamplerOutput([int(t) for t in host[0].tolist()], host[1].tolist(), top, token_ids)
+        top = self._top_logprobs(x, rows, token_ids)  # a host sync, only for rows that ask for logprobs
+        return SamplerOutput(token_ids, logprobs, top)
 
     @staticmethod
     def _greedy(x: torch.Tensor, rows: list[SampleRow]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,14 +114,14 @@ class Sampler:
         if extra:
             # typical/epsilon/eta follow top-p/min-p in HF's order: filter those rows fully first,
             # then let the kernel only draw from them.
-            sel = torch.tensor(extra, device=device)
+            sel = to_device(extra, torch.int64, device)
             x = x.clone()
             x[sel] = apply_warpers(x[sel], [rows[i].row for i in extra])
             for i in extra:
                 temperature[i], top_k[i], top_p[i], min_p[i] = 1.0, 0, 1.0, 0.0
 
         def t(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(values, dtype, device)
 
         return sample(
             x,

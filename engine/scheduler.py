@@ -9,6 +9,7 @@ import torch
 
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.config import SchedulerConfig
+from tokenmill.engine.device_copy import to_device
 from tokenmill.engine.sequence import Sequence, SequenceGroup
 
 
@@ -50,10 +51,8 @@ class ScheduledBatch:
                 dst.append(pos - 1)
                 src.append(seq.pending_row)
         if dst:
-            index = torch.tensor(src, dtype=torch.int64, device=sampled_ids.device)
-            input_ids[torch.tensor(dst, dtype=torch.int64, device=input_ids.device)] = sampled_ids[index].to(
-                input_ids.device
-            )
+            index = to_device(src, torch.int64, sampled_ids.device)
+            input_ids[to_device(dst, torch.int64, input_ids.device)] = sampled_ids[index].to(input_ids.device)
 
     def samples(self, i: int) -> bool:
         """Whether sequence i reaches its last token this step (so its logits are needed)."""

@@ -130,10 +130,9 @@ class StepUpdater:
         if rows:
             mask_constrained_rows(logits, ((r.logits_index, t.group, t) for r, t in zip(rows, targets)))
             out = self.sampler(logits, rows)
-            # The next step's input ids for these sequences come from this tensor (ModelRunner's fill).
-            sampled_ids = (
-                torch.tensor(out.token_ids, dtype=torch.int64, device=logits.device) if self.async_scheduling else None
-            )  # [num_rows]
+            # Overlapped: the next step's input ids for these sequences come from the sampler's device
+            # tensor (ModelRunner's fill); the host reads the ids only when it applies them.
+            sampled_ids = out.token_tensor if self.async_scheduling else None  # [num_rows]
             for row, seq in enumerate(targets):
                 seq.token_ids.append(PLACEHOLDER_TOKEN_ID)
                 seq.pending_ids, seq.pending_row = sampled_ids, row

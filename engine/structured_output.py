@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence as Seq
 
 import torch
 
+from tokenmill.engine.device_copy import to_device
 from tokenmill.engine.structured_output_params import StructuredOutputsParams
 
 if TYPE_CHECKING:
@@ -176,7 +177,7 @@ def mask_constrained_rows(logits: torch.Tensor, rows: Iterable[tuple[int, Sequen
     bitmask = xgr.allocate_token_bitmask(len(unique), logits.shape[1])  # [num_rows, ceil(vocab / 32)] int32
     for j, (_, group, seq) in enumerate(unique):
         _matcher(group, seq).fill_next_token_bitmask(bitmask, j)
-    index = torch.tensor([i for i, _, _ in unique], dtype=torch.int64, device=logits.device)
+    index = to_device([i for i, _, _ in unique], torch.int64, logits.device)
     apply_token_bitmask(logits, bitmask, index)
 
 
