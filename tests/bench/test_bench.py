@@ -351,8 +351,24 @@ def test_step_profile_reports_host_overhead(tmp_path, capsys):
     assert profile["host_ms"] >= 0 and profile["cpu_ms_per_step"] > 0
     assert profile["forward_cpu_ms"] > 0 and profile["host_cpu_ms"] >= 0
     assert profile["gpu_kernel_ms"] is None and profile["gpu_note"] == "not a CUDA device"
+    assert profile["pipelined_step_ms"] > 0 and profile["async_scheduling"] is False
     printed = capsys.readouterr().out
     assert "decode step      median" in printed and "host outside the forward" in printed
+    assert "(synchronous steps, no sync between steps)" in printed
+
+
+def test_step_profile_with_overlapped_steps(tmp_path, capsys):
+    out_json = tmp_path / "t.json"
+    args = _parser(bench.add_throughput_parser).parse_args(
+        TINY_ARGS + ["--backends", "tokenmill", "--profile-steps", "4", "--async-scheduling", "--json", str(out_json)]
+    )
+    assert args.func(args) == 0
+    workload = json.loads(out_json.read_text())["workloads"]["greedy"]
+    result = workload["results"][0]
+    assert result["skipped"] is None and result["num_output_tokens"] == workload["num_output_tokens_asked"]
+    profile = workload["step_profile"]
+    assert profile["async_scheduling"] is True and profile["pipelined_step_ms"] > 0
+    assert "(overlapped steps, no sync between steps)" in capsys.readouterr().out
 
 
 def test_step_profile_leaves_the_engine_as_it_found_it():

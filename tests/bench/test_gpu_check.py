@@ -21,13 +21,14 @@ from tokenmill.bench.gpu_check import (
 PY = sys.executable
 
 
-def _throughput_json(backend: str, tok_s: float, step_ms: float | None = None) -> str:
+def _throughput_json(backend: str, tok_s: float, step_ms: float | None = None, pipelined_ms: float | None = None) -> str:
     workload = {
         "num_requests": 4, "num_prompt_tokens": 40, "num_output_tokens_asked": 20,
         "results": [{"backend": backend, "skipped": None, "output_tokens_per_s": tok_s}],
     }
     if step_ms is not None:
-        workload["step_profile"] = {"step_ms": step_ms, "forward_ms": step_ms / 2, "host_ms": step_ms / 2}
+        workload["step_profile"] = {"step_ms": step_ms, "forward_ms": step_ms / 2, "host_ms": step_ms / 2,
+                                    "pipelined_step_ms": pipelined_ms}
     return json.dumps({"workloads": {"greedy": workload}})
 
 
@@ -42,8 +43,11 @@ def test_parts_run_under_their_limits_and_one_report_comes_out(tmp_path):
                              "print('FAILED tests/a.py::test_two - AssertionError: 3 != 4'); raise SystemExit(1)"),
              30, group=0),
         Part("hang", (PY, "-c", "import time; print('started', flush=True); time.sleep(300)"), 3, group=0),
-        Part("throughput-tokenmill", _writer(tmp_path / "tm.json", _throughput_json("tokenmill", 3000.0, 8.0)),
+        Part("throughput-tokenmill", _writer(tmp_path / "tm.json", _throughput_json("tokenmill", 3000.0, 8.0, 7.0)),
              30, group=1, json_name="tm.json"),
+        Part("throughput-tokenmill-overlap",
+             _writer(tmp_path / "ov.json", _throughput_json("tokenmill", 4500.0, 8.0, 5.0)), 30, group=1.5,
+             json_name="ov.json"),
         Part("throughput-hf-generate", _writer(tmp_path / "hf.json", _throughput_json("hf-generate (batch 64)", 1000.0)),
              30, group=2, json_name="hf.json"),
     ]
@@ -60,7 +64,8 @@ def test_parts_run_under_their_limits_and_one_report_comes_out(tmp_path):
     tests = report["gpu_tests"]["gpu-tests-x"]
     assert tests["counts"] == {"PASSED": 1, "FAILED": 1}
     assert tests["failed"] == {"tests/a.py::test_two": "AssertionError: 3 != 4"}
-    assert report["ratios"] == {"tokenmill/hf-generate (batch 64)": 3.0}
+    assert report["ratios"] == {"tokenmill/hf-generate (batch 64)": 3.0}  # of the default engine, not the overlap
+    assert report["overlapped"]["throughput"]["output_tokens_per_s"] == 4500.0
     targets = report["targets"]
     assert targets["tokenmill_output_tok_s"] == {"target": 20_000, "measured": 3000.0, "met": False}
     assert targets["ratio_vs_hf_generate"]["met"] is False and targets["decode_step_ms"]["met"] is False
@@ -68,6 +73,8 @@ def test_parts_run_under_their_limits_and_one_report_comes_out(tmp_path):
     assert "FAILED tests/a.py::test_two - AssertionError: 3 != 4" in text
     assert "ratio tokenmill/hf-generate (batch 64) (useful output tok/s): 3.00x" in text
     assert "decode_step_ms" in text and "NOT met" in text
+    assert "overlapped steps: 4500 output tok/s, 1.50x the default engine" in text
+    assert "overlapped steps: 5.00 ms per back-to-back decode step (default 7.00 ms)" in text
     json.dumps(report)  # the whole report is JSON
 
 
@@ -94,13 +101,16 @@ def test_pytest_outcomes_count_collection_errors():
 
 def test_default_parts_fit_the_time_and_cover_the_gpu_tests(tmp_path):
     parts = default_parts("python3", tmp_path)
-    by_group: dict[int, float] = {}
+    by_group: dict[float, float] = {}
     for p in parts:
         by_group[p.group] = max(by_group.get(p.group, 0), p.timeout_s)
     assert sum(by_group.values()) <= TOTAL_BUDGET_S <= 8 * 60 - 20
     names = [p.name for p in parts]
     assert set(GPU_TEST_PARTS) <= set(names)
-    assert {"kernel-bench", "throughput-tokenmill", "throughput-hf-generate", "throughput-hf-generate-batch"} <= set(names)
+    assert {"kernel-bench", "throughput-tokenmill", "throughput-tokenmill-overlap", "throughput-hf-generate",
+            "throughput-hf-generate-batch"} <= set(names)
+    overlap = next(p for p in parts if p.name == "throughput-tokenmill-overlap")
+    assert "--async-scheduling" in overlap.argv
     tokenmill = next(p for p in parts if p.name == "throughput-tokenmill")
     assert "--random-model 1b --dtype bfloat16 --num-requests 256 --max-num-seqs 256 --hf-batch-size 64" in " ".join(tokenmill.argv)
     assert "tests/engine/test_greedy_parity.py" in GPU_TESTS and "tests/kernels" in GPU_TESTS

@@ -50,6 +50,10 @@ class StepProfile:
     host_cpu_ms: float  # median CPU time of the step outside the forward (robust on a busy machine)
     gpu_kernel_ms: float | None = None  # CUDA kernel time per step (torch.profiler), CUDA only
     gpu_note: str | None = None  # why gpu_kernel_ms is missing
+    # Wall time per step over num_steps steps run back to back with no sync between them: what a
+    # serving loop gets, and where overlapped steps (async_scheduling) show on a GPU.
+    pipelined_step_ms: float | None = None
+    async_scheduling: bool = False
 
     @property
     def host_fraction(self) -> float:
@@ -71,6 +75,9 @@ class StepProfile:
             "schedule + prepare + sample + update)",
             f"  CPU time per step: forward {self.forward_cpu_ms:.2f} ms, outside the forward {self.host_cpu_ms:.2f} ms",
         ]
+        if self.pipelined_step_ms is not None:
+            mode = "overlapped steps" if self.async_scheduling else "synchronous steps"
+            lines.append(f"  back to back     {self.pipelined_step_ms:8.2f} ms per step ({mode}, no sync between steps)")
         if self.gpu_kernel_ms is not None:
             busy = self.gpu_kernel_ms / self.step_ms if self.step_ms > 0 else 0.0
             lines.append(f"  GPU kernels      {self.gpu_kernel_ms:8.2f} ms per step ({100 * busy:.0f}% busy)")
@@ -175,7 +182,7 @@ def profile_steps(
     if not prompts or num_steps < 1:
         raise ValueError(f"need prompts and num_steps >= 1 (got {len(prompts)} prompts, num_steps={num_steps})")
     n = len(prompts)
-    extra = WARMUP_STEPS + num_steps + GPU_PROFILE_STEPS + 4
+    extra = WARMUP_STEPS + 2 * num_steps + GPU_PROFILE_STEPS + 4
     ids = [f"step-profile-{i}" for i in range(n)]
     budget = engine.scheduler_config.max_num_batched_tokens
     prefill_bound = math.ceil(sum(map(len, prompts)) / max(1, budget - n)) + 4
@@ -200,6 +207,7 @@ def profile_steps(
                 if timer.last_batch_shape != (n, 1):
                     raise RuntimeError(f"batch changed to {timer.last_batch_shape} while timing; give more tokens")
                 samples.append(sample)
+        pipelined_ms = _pipelined_step_ms(engine, timer.device, num_steps)
         gpu_ms, gpu_note = None, None
         device = timer.device
         if device.type == "cuda" and gpu_kernels:
@@ -229,14 +237,27 @@ def profile_steps(
         host_cpu_ms=ms([s[3] - s[4] for s in samples]),
         gpu_kernel_ms=gpu_ms,
         gpu_note=gpu_note,
+        pipelined_step_ms=pipelined_ms,
+        async_scheduling=bool(getattr(engine.scheduler_config, "async_scheduling", False)),
     )
+
+
+def _pipelined_step_ms(engine: Any, device: torch.device, num_steps: int) -> float:
+    """Wall ms per step of `num_steps` engine steps with one sync at the end (the requests were
+    given tokens for them: the batch stays whole)."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        engine.step()
+    _sync(device)
+    return 1e3 * (time.perf_counter() - start) / num_steps
 
 
 def profile_kv_blocks(prompts: list[list[int]], num_steps: int, block_size: int, budget: int) -> int:
     """KV blocks for `profile_steps` on these prompts (every request at its longest at once)."""
     n = len(prompts)
     longest = max(map(len, prompts)) + math.ceil(sum(map(len, prompts)) / max(1, budget - n)) + 4
-    longest += WARMUP_STEPS + num_steps + GPU_PROFILE_STEPS + 4
+    longest += WARMUP_STEPS + 2 * num_steps + GPU_PROFILE_STEPS + 4
     return n * (math.ceil(longest / block_size) + 1) + 16
 
 
@@ -253,6 +274,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--async-scheduling", action="store_true", help="Overlapped steps (the engine argument).")
+    p.add_argument("--enforce-eager", action="store_true", help="No compiled forward / CUDA graphs.")
     p.add_argument("--cprofile", action="store_true", help="Also print cProfile of the timed steps.")
     p.add_argument("--json", default=None, metavar="PATH")
     return p
@@ -275,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded=loaded, max_num_seqs=len(prompts), max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, device=args.device, dtype=args.dtype, seed=args.seed,
         num_kv_blocks=profile_kv_blocks(prompts, args.steps, args.block_size, args.max_num_batched_tokens),
+        async_scheduling=args.async_scheduling, enforce_eager=True if args.enforce_eager else None,
     )
     result = profile_steps(engine, prompts, args.steps)
     print(result.format(), flush=True)

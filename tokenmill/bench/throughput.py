@@ -61,6 +61,10 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
                         "and a .gguf model.")
     b.add_argument("--quantization", default=None, choices=("int8", "int4"),
                    help="tokenmill's quantized linear layers (the other backends keep the float weights).")
+    b.add_argument("--async-scheduling", action="store_true",
+                   help="tokenmill with overlapped steps (the engine argument; the step profile too).")
+    b.add_argument("--enforce-eager", action="store_true",
+                   help="tokenmill without the compiled forward and CUDA graphs (the step profile too).")
     b.add_argument("--skip-hf", action="store_true", help="Run tokenmill only.")
     b.add_argument("--skip-generate-batch", action="store_true", help="Skip transformers' continuous batching.")
     b.add_argument("--max-num-seqs", type=int, default=64, help="Sequences per step (tokenmill and generate_batch).")
@@ -158,7 +162,13 @@ def tokenmill_engine_kwargs(args: argparse.Namespace, requests: list[BenchReques
         seed=args.seed,
         quantization=args.quantization,
         num_threads=__import__("torch").get_num_threads(),  # the benchmark's thread count for every backend
+        **engine_mode_kwargs(args),
     )
+
+
+def engine_mode_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """--async-scheduling / --enforce-eager as engine arguments (unset: the engine's defaults)."""
+    return {"async_scheduling": args.async_scheduling, "enforce_eager": True if args.enforce_eager else None}
 
 
 def run_workload(
@@ -215,6 +225,7 @@ def run_step_profile(args: argparse.Namespace, loaded: Any, requests: list[Bench
         loaded=loaded, max_num_seqs=len(prompts), max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, device=args.device, dtype=args.dtype, seed=args.seed,
         num_kv_blocks=profile_kv_blocks(prompts, args.profile_steps, args.block_size, args.max_num_batched_tokens),
+        **engine_mode_kwargs(args),
     )
     try:
         return profile_steps(engine, prompts, args.profile_steps)
