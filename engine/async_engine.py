@@ -8,7 +8,8 @@ huge prompt never blocks other requests), early length checks, detokenization an
 `AsyncLLMEngine.from_args(...)` starts a core in a thread of this process (one process, as the
 tests and a plain script use it); `AsyncLLMEngine.connect(addresses)` talks to cores running
 elsewhere (their own processes: the Ray Serve layout). Requests go to the live core with the
-fewest requests in flight.
+fewest requests in flight, or with `prefix_routing` to the core that was sent the prompt's prefix
+(serve/core_routing.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, AsyncIterator, Callable
 from tokenmill.engine.errors import EngineDeadError
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.serve.core_routing import CoreRouter
 from tokenmill.serve.engine_core_client import CoreConnection, RequestTimeoutError
 from tokenmill.serve.engine_core_outputs import RequestState
 
@@ -37,6 +39,7 @@ class AsyncEngineConfig:
     request_timeout_s: float | None = None  # default limit per request (None: no limit)
     stream_interval: int = 1  # wake a stream's consumer every this many tokens (and at the end)
     tokenizer_workers: int = 2  # threads that tokenize prompts
+    prefix_routing: bool = False  # several cores: prompts sharing a prefix go to the core caching it
 
     def __post_init__(self) -> None:
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
@@ -126,6 +129,8 @@ class AsyncLLMEngine:
         self.vocab_size: int = info["vocab_size"]
         self.max_num_seqs: int | None = info["max_num_seqs"]
         self._default_params: SamplingParams = info["default_sampling_params"]
+        # Prefix blocks as the cores cache them (block_size tokens each).
+        self._core_router = CoreRouter(self.config.prefix_routing, block_tokens=info.get("block_size", 16))
         self._pool = concurrent.futures.ThreadPoolExecutor(self.config.tokenizer_workers,
                                                            thread_name_prefix="tokenmill-tokenize")
 
@@ -236,7 +241,7 @@ class AsyncLLMEngine:
         # A request may ask for less time than the engine's limit, never more.
         limits = [t for t in (timeout_s, self.config.request_timeout_s) if t is not None]
         deadline = None if not limits else time.monotonic() + min(limits)
-        core = self._pick_core()
+        core = self._pick_core(token_ids)
         stream = RequestStream(request_id, loop, deadline, core.abort)
         state = RequestState(request_id, text, token_ids, params, self.tokenizer, self.config.stream_interval)
         future = loop.create_future()
@@ -260,11 +265,10 @@ class AsyncLLMEngine:
             raise ValueError(f"prompt ({len(token_ids)} tokens) + max_new_tokens ({max_new}) = "
                              f"{len(token_ids) + max_new} exceeds max_model_len ({self.max_model_len})")
 
-    def _pick_core(self) -> CoreConnection:
-        live = [c for c in self.cores if c.is_alive]
-        if not live:
+    def _pick_core(self, token_ids: list[int]) -> CoreConnection:
+        if not any(c.is_alive for c in self.cores):
             raise EngineDeadError(f"the engine is not running: {self.dead_reason}")
-        return min(live, key=lambda c: c.num_in_flight)
+        return self._core_router.pick(self.cores, token_ids)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None, *, timeout_s: float | None = None

@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--address", default=None,
                        help="Join this Ray cluster ('auto': the one `ray start --head` started) instead of a local one.")
     group.add_argument("--prefix-routing", action="store_true",
-                       help="Route requests sharing a prompt prefix to the replica that caches it.")
+                       help="Route requests sharing a prompt prefix to where it is cached: engine cores by the "
+                            "prompt's tokens; API replicas by deployment-handle prompt or x-session-id header.")
     add_engine_args(parser)
     parser.set_defaults(func=run)
 

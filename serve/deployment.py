@@ -140,7 +140,8 @@ class LLMServer:
     async def __serve_build_asgi_app__(self) -> Any:
         addresses = [(await handle.address.remote())[0] for handle in self.core_handles]
         engine_config = AsyncEngineConfig(request_timeout_s=self.config.request_timeout_s,
-                                          stream_interval=self.config.stream_interval)
+                                          stream_interval=self.config.stream_interval,
+                                          prefix_routing=self.config.prefix_routing)
         self.engine = await asyncio.to_thread(AsyncLLMEngine.connect, addresses, engine_config)
         return build_app(self.engine, api_key=self.config.api_key, served_model_name=self.config.served_model_name,
                          replica_id=self.replica_id, max_request_bytes=self.config.max_request_bytes)

@@ -90,6 +90,7 @@ class EngineCore:
             "vocab_size": engine.vocab_size,
             "kv_cache_capacity_tokens": engine.kv_cache_capacity_tokens,
             "max_num_seqs": engine.scheduler_config.max_num_seqs,
+            "block_size": engine.block_manager.block_size,
             "default_sampling_params": engine.default_sampling_params(),
             "stats": asdict(engine.get_stats()),
         }
