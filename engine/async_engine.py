@@ -68,6 +68,7 @@ class RequestStream:
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._abort = abort
         self._done = False
+        self.core_id: str | None = None  # the engine core running it
 
     # -- I/O-thread side: one wake-up of `loop` for all its streams' outputs of a step
     @staticmethod
@@ -243,6 +244,7 @@ class AsyncLLMEngine:
         deadline = None if not limits else time.monotonic() + min(limits)
         core = self._pick_core(token_ids)
         stream = RequestStream(request_id, loop, deadline, core.abort)
+        stream.core_id = core.info["core_id"]  # which core runs it (routing benchmarks, logs)
         state = RequestState(request_id, text, token_ids, params, self.tokenizer, self.config.stream_interval)
         future = loop.create_future()
         core.add(state, stream, lambda error: _resolve(future, error))

@@ -177,19 +177,29 @@ def replica_placement(config: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------- handle route
 async def complete_for_handle(engine: Any, request: PromptRequest, replica_id: str) -> dict[str, Any]:
-    """Run `request` on a replica's engine; the result names the replica and its prefix-cache counters."""
+    """Run `request` on a replica's engine; the result names the replica and the engine core that ran
+    it, and every core's prefix-cache counters."""
+    import uuid
+
     from tokenmill.engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_new_tokens=request.max_tokens, **request.extra)
+    stream = await engine.add_request(uuid.uuid4().hex, request.prompt, params)
     final = None
-    async for output in engine.generate(request.prompt, params):
-        final = output
+    try:
+        async for output in stream:
+            final = output
+    finally:
+        stream.abort()  # a no-op once it finished
     stats = engine.get_stats()
     return {
         "replica_id": replica_id,
+        "core_id": stream.core_id,
         "token_ids": list(final.outputs[0].token_ids),
         "text": final.outputs[0].text,
         "error": final.error,
         "prefix_cache_hit_blocks_total": stats.prefix_cache_hit_blocks_total,
         "prompt_tokens_total": stats.prompt_tokens_total,
+        "cores": {c.info["core_id"]: {"prefix_cache_hit_blocks_total": c.stats["prefix_cache_hit_blocks_total"],
+                                      "prompt_tokens_total": c.stats["prompt_tokens_total"]} for c in engine.cores},
     }

@@ -1,8 +1,11 @@
-"""Prefix-cache hit rate with Serve's default router vs PrefixAwareRouter, side by side in one Ray instance.
+"""Prefix-cache hit rate over engine cores: least-loaded vs prefix routing, side by side in one Ray instance.
 
-Workload: S system prompts x Q questions (shuffled), sent through the deployment handle of R
-replicas (LLMServer.generate_tokens). The hit rate is prefix_cache_hit_blocks_total x block_size
-over prompt_tokens_total, summed over the replicas, read from each replica's engine stats.
+Workload: S system prompts x Q questions (shuffled), sent at once through the deployment handle
+(LLMServer.generate_tokens) of `tokenmill serve`'s layout: R engine cores behind the API
+replica(s), which choose the core per request (serve/core_routing.py), by load or with
+`prefix_routing` by prompt prefix; the Serve router in front of the API replicas follows the same
+switch. The hit rate is prefix_cache_hit_blocks_total x block_size over prompt_tokens_total,
+summed over the cores.
 
     PYTHONPATH=$PWD python -m tokenmill.bench.prefix_routing --num-kv-blocks 48 96
 """
@@ -46,27 +49,29 @@ def run_once(prompts: list[tuple[int, str]], *, prefix_routing: bool, num_replic
     wall = time.perf_counter() - start
     serve.delete(name)
     errors = [r["error"] for _, r in results if r["error"]]
-    per_replica: dict[str, dict[str, int]] = {}
+    per_core: dict[str, dict[str, int]] = {}  # cumulative counters: the latest (largest) value of each core
+    requests_on: dict[str, int] = {}
     systems_on: dict[str, set[int]] = {}
     for s, r in results:
-        stats = per_replica.setdefault(r["replica_id"], {"hit_blocks": 0, "prompt_tokens": 0, "requests": 0})
-        stats["hit_blocks"] = max(stats["hit_blocks"], r["prefix_cache_hit_blocks_total"])
-        stats["prompt_tokens"] = max(stats["prompt_tokens"], r["prompt_tokens_total"])
-        stats["requests"] += 1
-        systems_on.setdefault(r["replica_id"], set()).add(s)
+        for core_id, counters in r["cores"].items():
+            seen = per_core.setdefault(core_id, {"hit_blocks": 0, "prompt_tokens": 0})
+            seen["hit_blocks"] = max(seen["hit_blocks"], counters["prefix_cache_hit_blocks_total"])
+            seen["prompt_tokens"] = max(seen["prompt_tokens"], counters["prompt_tokens_total"])
+        requests_on[r["core_id"]] = requests_on.get(r["core_id"], 0) + 1
+        systems_on.setdefault(r["core_id"], set()).add(s)
     block_size = engine_kwargs.get("block_size", 16)
-    hit_tokens = sum(v["hit_blocks"] for v in per_replica.values()) * block_size
-    prompt_tokens = sum(v["prompt_tokens"] for v in per_replica.values())
+    hit_blocks = sum(v["hit_blocks"] for v in per_core.values())
+    prompt_tokens = sum(v["prompt_tokens"] for v in per_core.values())
     return {
-        "router": "prefix" if prefix_routing else "default",
+        "routing": "prefix" if prefix_routing else "least-loaded",
         "num_kv_blocks": engine_kwargs.get("num_kv_blocks"),
-        "hit_rate": hit_tokens / prompt_tokens if prompt_tokens else 0.0,
-        "hit_blocks": sum(v["hit_blocks"] for v in per_replica.values()),
+        "hit_rate": hit_blocks * block_size / prompt_tokens if prompt_tokens else 0.0,
+        "hit_blocks": hit_blocks,
         "prompt_tokens": prompt_tokens,
         "wall_s": wall,
         "errors": len(errors),
-        "requests_per_replica": sorted(v["requests"] for v in per_replica.values()),
-        "systems_per_replica": sorted(len(v) for v in systems_on.values()),
+        "requests_per_core": sorted(requests_on.values()),
+        "systems_per_core": sorted(len(v) for v in systems_on.values()),
     }
 
 
@@ -106,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    print(f"\n{'KV blocks/replica':>18} {'router':>8} {'hit rate':>9} {'wall s':>7} {'systems/replica':>16}")
+    print(f"\n{'KV blocks/core':>15} {'routing':>13} {'hit rate':>9} {'wall s':>7} {'systems/core':>13} "
+          f"{'requests/core':>14}")
     for r in runs:
-        print(f"{r['num_kv_blocks']:>18} {r['router']:>8} {r['hit_rate']:>9.1%} {r['wall_s']:>7.1f} "
-              f"{str(r['systems_per_replica']):>16}")
+        print(f"{r['num_kv_blocks']:>15} {r['routing']:>13} {r['hit_rate']:>9.1%} {r['wall_s']:>7.1f} "
+              f"{str(r['systems_per_core']):>13} {str(r['requests_per_core']):>14}")
     print(f"driver CPU s: {_cpu_s() - cpu_start:.1f}")
     if args.json:
         with open(args.json, "w") as f:
