@@ -327,6 +327,30 @@ class LLMEngine:
             if group is not None:
                 self.scheduler.remove(group)
 
+    def warm_up(self) -> None:
+        """Run a full-budget prefill and a full-batch decode of dummy prompts, then reset the counters.
+
+        A server calls this before it takes requests, so that first-use costs (kernel and algorithm
+        selection for each shape, allocator growth, page faults of the step's buffers) are paid here
+        and not by the first users. Leaves no request, no block in use and zero counters.
+        """
+        if self.requests:
+            raise RuntimeError("warm_up() is invalid with requests running: allowed only on an idle engine")
+        sched = self.scheduler_config
+        num_seqs = max(1, min(sched.max_num_seqs, self.block_manager.num_blocks))
+        prompt_len = max(1, min(sched.max_num_batched_tokens // num_seqs, self.max_model_len - 3,
+                                self.kv_cache_capacity_tokens // num_seqs - 3))
+        params = SamplingParams(max_new_tokens=2, ignore_eos=True, do_sample=False, detokenize=False,
+                                output_kind="final")
+        ids = [f"tokenmill-warm-up-{i}" for i in range(num_seqs)]
+        for i, rid in enumerate(ids):  # distinct prompts: a real prefill each, no prefix-cache hits
+            self.add_request(rid, [(1 + i * prompt_len + j) % self.vocab_size for j in range(prompt_len)], params)
+        while self.has_unfinished_requests():
+            self.step()
+        self.prompt_tokens_total = self.generation_tokens_total = 0
+        self.block_manager.num_cache_hits = 0
+        self.scheduler.num_preemptions_total = 0
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

@@ -103,6 +103,7 @@ class EngineCoreServer:
 
         replica_id = serve.get_replica_context().replica_id.unique_id
         engine = LLMEngine.from_args(config.model, **config.engine_kwargs)
+        engine.warm_up()  # first-use costs before the first request, not during it
         host = ray.util.get_node_ip_address()
         self.core = EngineCore(engine, bind=f"tcp://{host}:*", core_id=replica_id).start()
         logger.info("engine core %s at %s", replica_id, self.core.address)
@@ -217,6 +218,9 @@ def start(config: ServeConfig, *, handle_signals: bool = False) -> str:
     if config.ray_address is not None:
         ray.init(address=config.ray_address, log_to_driver=True)
     else:
+        # Ray starts its workers at nice 15: the engine cores' step loops would yield the CPU to every
+        # other process on the machine. Workers of the local instance run at normal priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=False, log_to_driver=True)
     if handle_signals:
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` stops as cleanly as Ctrl-C

@@ -221,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bind", default="tcp://127.0.0.1:*", help="ZMQ address to listen on (default: a free port)")
     add_engine_args(parser)
     args = parser.parse_args(argv)
-    core = EngineCore(LLMEngine.from_args(args.model, **engine_kwargs(args)), bind=args.bind).start()
+    engine = LLMEngine.from_args(args.model, **engine_kwargs(args))
+    engine.warm_up()
+    core = EngineCore(engine, bind=args.bind).start()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -211,3 +211,25 @@ def test_fault_in_step_fails_only_that_batch(llm, monkeypatch) -> None:
     monkeypatch.setattr(engine.runner, "run", original)
     ok = llm.generate([prompt], SamplingParams(max_new_tokens=5, ignore_eos=True), use_tqdm=False)[0]
     assert len(ok.outputs[0].token_ids) == 5
+
+
+def test_warm_up_leaves_an_idle_engine_with_zero_counters(llm) -> None:
+    engine = llm.llm_engine
+    expected = llm.generate(["a b c"], SamplingParams(max_new_tokens=6, do_sample=False), use_tqdm=False)
+    engine.prompt_tokens_total = engine.generation_tokens_total = 0
+    steps = []
+    original = engine.step
+    engine.step = lambda: steps.append(1) or original()  # type: ignore[method-assign]
+    engine.warm_up()
+    del engine.step
+    assert len(steps) >= 2  # a prefill and a decode at least
+    assert_all_free(llm)
+    stats = engine.get_stats()
+    assert (stats.prompt_tokens_total, stats.generation_tokens_total, stats.prefix_cache_hit_blocks_total,
+            stats.num_preemptions_total) == (0, 0, 0, 0)
+    again = llm.generate(["a b c"], SamplingParams(max_new_tokens=6, do_sample=False), use_tqdm=False)
+    assert again[0].outputs[0].token_ids == expected[0].outputs[0].token_ids
+    engine.add_request("busy", [1, 2, 3], SamplingParams(max_new_tokens=2))
+    with pytest.raises(RuntimeError, match="idle engine"):
+        engine.warm_up()
+    engine.abort_request("busy")

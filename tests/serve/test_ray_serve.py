@@ -73,6 +73,15 @@ def test_streaming_and_health_through_serve(ray_server):
     assert httpx.post(url + "/v1/completions", json={"prompt": "Hi", "bogus": 1}, timeout=30).status_code == 400
 
 
+def test_engine_cores_run_at_normal_priority(ray_server):
+    import psutil
+
+    cores = [p for p in psutil.process_iter(["cmdline"])
+             if any("ServeReplica:tokenmill:EngineCore" in part for part in (p.info["cmdline"] or []))]
+    assert len(cores) == 2, [p.info["cmdline"] for p in cores]
+    assert [p.nice() for p in cores] == [0, 0]  # not Ray's worker default of 15
+
+
 def test_announce_prints_a_curl_line(ray_server, capsys):
     from tokenmill.serve.cli_serve import announce
 
