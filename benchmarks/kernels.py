@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                      # full grid
     python benchmarks/kernels.py --quick              # small sizes
     python benchmarks/kernels.py --ops sampling --batch 64 256 --vocab 128256 --json out.json
+    OMP_NUM_THREADS=1 python benchmarks/kernels.py --ops top_p_sort --batch 64 --vocab 49152
 
 On CUDA it times the Triton kernels, the torch references and what HF's
 `generate()` does (sort-based TopK+TopP warpers + softmax + multinomial,
@@ -18,6 +19,11 @@ over a row (measured by the kernel itself; on the CPU through the interpreter, o
 bytes it moves per row (passes x vocab x 4) and the GB/s that makes at the timed speed: the
 kernel's on CUDA, the torch path's on the CPU (there the bytes are one read of the logits, since
 the torch path is not the kernel).
+
+`top_p_sort` (not in the default grid) times the torch path on the CPU in CPU milliseconds (process
+time) for `sampling` rows: top-p taken among the top-k values, as the path does now, against sorting
+the whole row, as it did before (`full_sort_top_p=True`), alternating in one process; both draw the
+same tokens (checked).
 """
 
 import argparse
@@ -156,6 +162,34 @@ def penalties_case(batch, vocab, device, history_len):
     }
 
 
+def top_p_sort_rows(batches, vocabs, iters):
+    """CPU ms per `sample_reference` call, top-p among the top-k values vs the full sort of the row."""
+    cpu = torch.device("cpu")
+    print(f"\n[top_p_sort] torch path on the CPU, {torch.get_num_threads()} thread(s), CPU ms per call "
+          f"(process time, median of {iters}, the two alternating); T={TEMPERATURE} top_k={TOP_K} top_p={TOP_P}")
+    print(f"{'batch':>6} {'vocab':>7} {'top-k window':>13} {'full sort':>10} {'ratio':>7}")
+    rows = []
+    for vocab in vocabs:
+        for batch in batches:
+            logits = torch.randn(batch, vocab) * 3  # [B, V]
+            params = sampling_params("sampling", batch, cpu)
+            calls = {"window": lambda: sample_reference(logits, *params),
+                     "sort": lambda: sample_reference(logits, *params, full_sort_top_p=True)}
+            if not torch.equal(calls["window"]()[0], calls["sort"]()[0]):
+                raise AssertionError("the two paths drew different tokens")
+            samples = {name: [] for name in calls}
+            for _ in range(iters):
+                for name, fn in calls.items():
+                    begin = time.process_time()
+                    fn()
+                    samples[name].append((time.process_time() - begin) * 1e3)
+            ms = {name: statistics.median(values) for name, values in samples.items()}
+            print(f"{batch:>6} {vocab:>7} {ms['window']:>13.1f} {ms['sort']:>10.1f} {ms['sort'] / ms['window']:>6.1f}x")
+            rows.append({"op": "top_p_sort", "batch": batch, "vocab": vocab,
+                         "top_k_window_cpu_ms": ms["window"], "full_sort_cpu_ms": ms["sort"]})
+    return rows
+
+
 def attention_rows(batches, context, device, warmup, iters):
     """write_kv_cache + paged_attention on decode shapes (one new token per sequence)."""
     try:
@@ -199,8 +233,9 @@ def attention_rows(batches, context, device, warmup, iters):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    all_ops = [*SAMPLING_KINDS, "ngram", "penalties", "attention"]
-    parser.add_argument("--ops", nargs="+", default=all_ops, choices=all_ops)
+    all_ops = [*SAMPLING_KINDS, "ngram", "penalties", "attention", "top_p_sort"]
+    parser.add_argument("--ops", nargs="+", default=all_ops[:-1], choices=all_ops,
+                        help="default: all but top_p_sort")
     parser.add_argument("--no-passes", action="store_true", help="skip counting the kernel's passes")
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="default 1 16 64 256")
     parser.add_argument("--vocab", type=int, nargs="+", default=None, help="default 32000 128256 151936")
@@ -233,7 +268,7 @@ def main() -> None:
         header += f" {'hf/torch':>9}"
     header += f" {'passes':>7} {'MB/row':>7} {'GB/s':>7}"
     passes_cache: dict[tuple[str, int], float] = {}
-    kernel_ops = [op for op in args.ops if op != "attention"]
+    kernel_ops = [op for op in args.ops if op not in ("attention", "top_p_sort")]
     if kernel_ops:
         print("\n" + header)
     for op in kernel_ops:
@@ -266,6 +301,8 @@ def main() -> None:
                 print(line, flush=True)
                 results.append({"op": op, "batch": batch, "vocab": vocab,
                                 **{f"{name}_ms": value for name, value in times.items()}, **extra})
+    if "top_p_sort" in args.ops:
+        results += top_p_sort_rows(batches, vocabs, iters)
     if "attention" in args.ops:
         results += attention_rows([b for b in batches if b <= 64] or batches[:1], context, device, warmup, iters)
     if args.json:

@@ -18,6 +18,12 @@ def make_rows(kinds: list[str], seed: int = 0) -> list[SampleRow]:
             params = SamplingParams(max_new_tokens=4)
         elif kind == "top_k":
             params = SamplingParams(max_new_tokens=4, do_sample=True, top_k=20, temperature=0.7, seed=seed + i)
+        elif kind == "top_k_top_p":
+            params = SamplingParams(
+                max_new_tokens=4, do_sample=True, top_k=30, top_p=0.8, temperature=0.8, seed=seed + i
+            )
+        elif kind == "top_p":
+            params = SamplingParams(max_new_tokens=4, do_sample=True, top_k=0, top_p=0.7, seed=seed + i)
         else:
             params = SamplingParams(max_new_tokens=4, do_sample=True, top_k=0, seed=seed + i)
         row = RowInput(params, [1, 2, 3], 3)
@@ -63,3 +69,25 @@ def test_sampled_rows_do_not_depend_on_their_neighbours():
         alone = Sampler()(logits[i : i + 1], [alone_row])
         assert alone.token_ids[0] == mixed.token_ids[i]
         assert alone.logprobs[0] == mixed.logprobs[i]
+
+
+def test_top_k_top_p_rows_draw_what_the_full_sort_draws(monkeypatch):
+    """Top-p among the top-k values (no sort of the row) in a mixed batch: the same tokens and
+    log-probs as sorting every top-p row."""
+    gen = torch.Generator().manual_seed(2)
+    kinds = ["top_k_top_p", "greedy", "top_p", "top_k_top_p", "pure", "top_k", "top_k_top_p"] * 3
+    logits = torch.randn(len(kinds), VOCAB, generator=gen) * 3
+    logits[0, : VOCAB // 2] = float("-inf")  # banned tokens in one row
+    calls = []
+
+    def spy(x, *args):
+        calls.append((x, args))
+        return sample_reference(x, *args)
+
+    monkeypatch.setattr(sampler_module, "sample", spy)
+    out = Sampler()(logits, make_rows(kinds, seed=7))
+    (x, args), = calls
+    tokens, logprobs = sample_reference(x, *args, full_sort_top_p=True)
+    sampled = [i for i, kind in enumerate(kinds) if kind != "greedy"]
+    assert [out.token_ids[i] for i in sampled] == tokens.tolist()
+    assert [out.logprobs[i] for i in sampled] == logprobs.tolist()

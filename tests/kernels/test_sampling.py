@@ -237,6 +237,84 @@ def test_cpu_path_sorts_only_rows_that_use_top_p(monkeypatch):
                        expected["none"])
 
 
+def top_k_top_p_rows(kind: str, batch: int, vocab: int, gen: torch.Generator):
+    """Rows that stress top-p among the top-k values: ties at the k-th value and at the top-p
+    boundary, -inf entries, k past the vocabulary, top-p near 0 and 1, rows with one filter only."""
+    if kind == "ties":  # few distinct values: the k-th value and the top-p boundary are often tied
+        logits = torch.randint(-6, 7, (batch, vocab), generator=gen).float()
+    elif kind == "bfloat16":
+        logits = (torch.randn(batch, vocab, generator=gen) * 4).to(torch.bfloat16)
+    else:
+        logits = torch.randn(batch, vocab, generator=gen) * 4
+    if kind == "banned":  # most entries -inf, some rows with fewer finite entries than k, one all -inf
+        logits[torch.rand(batch, vocab, generator=gen) < 0.9] = NEG_INF
+        logits[0] = NEG_INF
+    top_k = torch.randint(1, vocab + 10, (batch,), generator=gen, dtype=torch.int32)
+    top_k[: batch // 4] = torch.randint(1, 60, (batch // 4,), generator=gen, dtype=torch.int32)
+    top_k[1], top_k[2], top_k[3] = 1, vocab - 1, 0
+    if kind == "ties":  # small k in every row: a tie at the k-th value reaches past the top k + 1
+        top_k = torch.where(top_k > 0, torch.randint(1, 20, (batch,), generator=gen, dtype=torch.int32), 0)
+    top_p = torch.rand(batch, generator=gen)
+    top_p[4], top_p[5], top_p[6], top_p[7] = 1e-7, 0.999999, 1.0, 0.0
+    min_p = torch.where(torch.rand(batch, generator=gen) < 0.3, 0.2 * torch.rand(batch, generator=gen), 0.0)
+    temperature = 0.3 + 1.5 * torch.rand(batch, generator=gen)
+    return logits, temperature, top_k, top_p, min_p
+
+
+@pytest.mark.parametrize("kind", ["distinct", "ties", "bfloat16", "banned"])
+def test_top_p_among_top_k_equals_the_full_sort(kind):
+    """Top-p taken among the top-k values keeps exactly what sorting the whole row keeps."""
+    gen = torch.Generator().manual_seed(53)
+    for vocab, min_tokens_to_keep in ((8, 1), (300, 1), (300, 3), (2049, 1)):
+        filters = top_k_top_p_rows(kind, 32, vocab, gen)
+        fast = apply_sampling_filters(*filters, min_tokens_to_keep)
+        sorted_ = apply_sampling_filters(*filters, min_tokens_to_keep, full_sort_top_p=True)
+        where = f"{kind}, vocab {vocab}, min_tokens_to_keep {min_tokens_to_keep}"
+        assert torch.equal(fast.isneginf(), sorted_.isneginf()), where
+        assert torch.equal(fast, sorted_), where
+
+
+@pytest.mark.parametrize("kind", ["distinct", "ties", "banned"])
+def test_top_p_among_top_k_draws_what_the_full_sort_draws(kind):
+    gen = torch.Generator().manual_seed(59)
+    batch, vocab = 32, 1000
+    logits, temperature, top_k, top_p, min_p = top_k_top_p_rows(kind, batch, vocab, gen)
+    draw = (
+        torch.randint(-(2**62), 2**62, (batch,), generator=gen, dtype=torch.int64),
+        torch.randint(0, 2**40, (batch,), generator=gen, dtype=torch.int64),
+        torch.rand(batch, generator=gen) < 0.15,  # some greedy rows
+    )
+    params = (temperature, top_k, top_p, min_p, *draw)
+    tokens, logprobs = sample_reference(logits, *params)
+    sorted_tokens, sorted_logprobs = sample_reference(logits, *params, full_sort_top_p=True)
+    assert torch.equal(tokens, sorted_tokens)
+    torch.testing.assert_close(logprobs, sorted_logprobs, rtol=0, atol=0, equal_nan=True)  # all -inf: nan
+
+
+def test_top_k_top_p_rows_are_not_sorted(monkeypatch):
+    """Distinct values: every top-k + top-p row is decided among its top-k values; the sort runs
+    for the top-p-only rows alone."""
+    gen = torch.Generator().manual_seed(61)
+    batch, vocab = 12, 2000
+    logits = make_logits(batch, vocab, gen)
+    temperature = torch.full((batch,), 0.8)
+    top_k = torch.tensor([50, 1, 1999, 7] * 3, dtype=torch.int32)
+    top_k[-2:] = 0  # top-p only
+    top_p = torch.tensor([0.9, 0.5, 1e-6, 0.999999] * 3)
+    min_p = torch.zeros(batch)
+    expected = apply_sampling_filters(logits, temperature, top_k, top_p, min_p, full_sort_top_p=True)
+    sorted_rows = []
+    real_sort = torch.sort
+
+    def counting_sort(x, *args, **kwargs):
+        sorted_rows.append(x.shape[0])
+        return real_sort(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "sort", counting_sort)
+    assert torch.equal(apply_sampling_filters(logits, temperature, top_k, top_p, min_p), expected)
+    assert sorted_rows == [2]
+
+
 def test_kernel_passes_over_a_row_are_bounded():
     """Elements read per row / vocab, as the kernel counts them: the pass budget of each row kind."""
     gen = torch.Generator().manual_seed(47)
