@@ -56,7 +56,7 @@ _SPLIT_MAX_ROWS = 32  # from this batch on, one program per row already fills th
 _SPLIT_MIN_VOCAB = 16384
 _SPLIT_MIN_CHUNK = 2048  # elements per program, at least
 _SPLIT_MAX_PROGRAMS = 64  # per row: every program re-reads all chunks' partial histograms
-_SPLIT_ALIGN = 64  # chunk starts stay 256-byte aligned (float32)
+_SPLIT_ALIGN = 64  # chunk starts stay aligned for wide loads
 _SPLIT_MAX_BLOCK = 1024
 _DEFAULT_SM_COUNT = 16  # without a CUDA device to ask (the interpreter): a few programs per row
 
@@ -335,7 +335,9 @@ def _chunk_bounds(part, V, CHUNK):
 
 
 @triton.jit
-def _combine_row_stats(chunk_max_ptr, chunk_norm_ptr, chunk_arg_ptr, row, V, NUM_CHUNKS, CHUNKS_POW2: tl.constexpr):
+def _combine_row_stats(
+    chunk_max_ptr, chunk_norm_ptr, chunk_arg_ptr, row, V, NUM_CHUNKS, CHUNKS_POW2: tl.constexpr,
+):
     """Row max, softmax normaliser and first index of the max from the per-chunk ones."""
     parts = tl.arange(0, CHUNKS_POW2)
     valid = parts < NUM_CHUNKS
