@@ -18,7 +18,8 @@ the engine runs; hf: argmax). For each size they also print the passes the Trito
 over a row (measured by the kernel itself; on the CPU through the interpreter, on one row), the
 bytes it moves per row (passes x vocab x 4) and the GB/s that makes at the timed speed: the
 kernel's on CUDA, the torch path's on the CPU (there the bytes are one read of the logits, since
-the torch path is not the kernel).
+the torch path is not the kernel). `progs` is the programs the kernel runs per row: small batches
+split a row across several (`--split 1` forces one program per row, to compare).
 
 `top_p_sort` (not in the default grid) times the torch path on the CPU in CPU milliseconds (process
 time) for `sampling` rows: top-p taken among the top-k values, as the path does now, against sorting
@@ -50,7 +51,7 @@ from transformers.generation.logits_process import (
 
 from tokenmill.kernels.ngram import ban_ngrams_reference, ban_ngrams_triton
 from tokenmill.kernels.penalties import apply_penalties_reference, apply_penalties_triton
-from tokenmill.kernels.sampling import greedy_argmax, sample_reference, sample_triton
+from tokenmill.kernels.sampling import greedy_argmax, programs_per_row, sample_reference, sample_triton
 
 TOP_K, TOP_P, TEMPERATURE, NGRAM, REPETITION = 50, 0.9, 0.8, 3, 1.2
 
@@ -95,7 +96,7 @@ def sampling_params(op, batch, device):
     )
 
 
-def sampling_case(op, batch, vocab, device):
+def sampling_case(op, batch, vocab, device, split=None):
     logits = torch.randn(batch, vocab, device=device) * 3  # [B, V]
     params = sampling_params(op, batch, device)
     temperature, top_k, top_p, greedy = SAMPLING_KINDS[op]
@@ -112,17 +113,18 @@ def sampling_case(op, batch, vocab, device):
         return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
 
     return {
-        "triton": lambda: sample_triton(logits, *params),
+        "triton": lambda: sample_triton(logits, *params, split=split),
         "torch": (lambda: greedy_argmax(logits)) if greedy else (lambda: sample_reference(logits, *params)),
         "hf": hf,
     }
 
 
-def kernel_passes(op, vocab, device) -> float:
-    """Passes the Triton kernel makes over a row of this kind (elements read / vocab), as it counts them."""
+def kernel_passes(op, vocab, device, programs) -> float:
+    """Passes the Triton kernel makes over a row of this kind (elements read / vocab, over all the
+    row's programs), as it counts them, with `programs` programs per row."""
     gen = torch.Generator().manual_seed(vocab)
     logits = (torch.randn(1, vocab, generator=gen) * 3).to(device)
-    _, _, passes = sample_triton(logits, *sampling_params(op, 1, device), return_passes=True)
+    _, _, passes = sample_triton(logits, *sampling_params(op, 1, device), return_passes=True, split=programs)
     return float(passes[0])
 
 
@@ -244,6 +246,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, few iterations")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF baselines")
     parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--split", type=int, default=None,
+                        help="sampling kernel programs per row (default: automatic, split at small batches)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
 
@@ -266,8 +270,8 @@ def main() -> None:
         header += f" {'torch/tri':>10}" + ("" if args.no_hf else f" {'hf/tri':>8}")
     elif not args.no_hf:
         header += f" {'hf/torch':>9}"
-    header += f" {'passes':>7} {'MB/row':>7} {'GB/s':>7}"
-    passes_cache: dict[tuple[str, int], float] = {}
+    header += f" {'progs':>5} {'passes':>7} {'MB/row':>7} {'GB/s':>7}"
+    passes_cache: dict[tuple[str, int, int], float] = {}
     kernel_ops = [op for op in args.ops if op not in ("attention", "top_p_sort")]
     if kernel_ops:
         print("\n" + header)
@@ -275,7 +279,7 @@ def main() -> None:
         for vocab in vocabs:
             for batch in batches:
                 if op in SAMPLING_KINDS:
-                    fns = sampling_case(op, batch, vocab, device)
+                    fns = sampling_case(op, batch, vocab, device, args.split)
                 elif op == "ngram":
                     fns = ngram_case(batch, vocab, device, history)
                 else:
@@ -290,14 +294,16 @@ def main() -> None:
                     line += f" {times['hf'] / times['torch']:>8.1f}x"
                 extra = {}
                 if op in SAMPLING_KINDS and not args.no_passes:
-                    if (op, vocab) not in passes_cache:
-                        passes_cache[op, vocab] = kernel_passes(op, vocab, device)
-                    passes = passes_cache[op, vocab]
+                    programs = programs_per_row(batch, vocab, device, args.split)
+                    if (op, vocab, programs) not in passes_cache:
+                        passes_cache[op, vocab, programs] = kernel_passes(op, vocab, device, programs)
+                    passes = passes_cache[op, vocab, programs]
                     row_bytes = passes * vocab * 4  # float32 logits
                     timed_bytes = row_bytes if on_gpu else vocab * 4
                     gb_per_s = batch * timed_bytes / (times["triton" if on_gpu else "torch"] * 1e6)
-                    extra = {"passes": passes, "kernel_bytes_per_row": row_bytes, "gb_per_s": gb_per_s}
-                    line += f" {passes:>7.2f} {row_bytes / 1e6:>7.2f} {gb_per_s:>7.1f}"
+                    extra = {"programs_per_row": programs, "passes": passes, "kernel_bytes_per_row": row_bytes,
+                             "gb_per_s": gb_per_s}
+                    line += f" {programs:>5} {passes:>7.2f} {row_bytes / 1e6:>7.2f} {gb_per_s:>7.1f}"
                 print(line, flush=True)
                 results.append({"op": op, "batch": batch, "vocab": vocab,
                                 **{f"{name}_ms": value for name, value in times.items()}, **extra})

@@ -8,17 +8,31 @@ without sorting, by radix selects on the order-preserving 32-bit key of s (RADIX
 
 * top-k: t_k = the largest value v with count(s >= v) >= k (ties at the boundary are all kept);
 * top-p: t_p = the largest value v >= t_k with mass(v <= s, s >= t_k) >= top_p * mass(s >= t_k)
-  (a token is kept iff the mass strictly above it is below top_p, as in HF);
+  (a token is kept iff the mass strictly above it is below top_p, as in HF); the mass of an entry
+  is its integer draw weight (below), so mass sums are exact whatever their order;
 * min-p: t_m = max(s) + log(min_p).
 
 The row keeps s >= max(t_k, t_p, t_m) and draws by the integer inverse CDF of `kernels._philox`
 (one Philox word per row, order-free int64 sums), which the torch reference repeats exactly.
 
-Passes over a row (one program per row): 1 (max, softmax normaliser, argmax), 32 / RADIX_BITS
-for a top-k row, as many for a top-p row, 1 for the kept total, and on average half of one for the
-pick (it stops at the chosen token). A greedy row reads its logits once. The kernel reports the
-elements it read per row (`return_passes`), so the pass count is measured, not assumed.
+Passes over a row: 1 (max, softmax normaliser, argmax), 32 / RADIX_BITS for a top-k row, as many
+for a top-p row, 1 for the kept total, and on average half of one for the pick (it stops at the
+chosen token). A greedy row reads its logits once. The kernel reports the elements it read per row
+(`return_passes`), so the pass count is measured, not assumed.
+
+Programs per row. A big batch runs one program per row (`_sample_kernel`). A small batch on a long
+vocabulary (`split_factor`: under 32 rows) would leave most SMs idle, so each row is split into
+contiguous chunks, one program each, and every pass becomes a launch over (rows, chunks): the
+chunks' maxima and argmaxes, per-level radix histograms (counts, or integer masses) and kept
+totals are written as partials, and the next launch combines them before its own pass; the chunk
+whose running total passes the draw target finds the token. Max and argmax are order-free and
+everything else that decides a threshold or the token is an integer sum, so a split row keeps
+the same set and draws the same token as one program (only the float log-prob normalisers may
+differ in the last bits). 1 + 2 * (32 / RADIX_BITS + 1) + 2 launches; rows that do not search a
+threshold leave its launches at once.
 """
+
+import functools
 
 import torch
 import triton
@@ -35,6 +49,16 @@ from tokenmill.kernels.sampling_reference import (
 _MAX_BLOCK = 4096  # streaming passes
 _MAX_RADIX_BLOCK = 1024  # radix passes hold a [block, 2**RADIX_BITS] one-hot for the mass histogram
 RADIX_BITS = 4
+_NUM_LEVELS = 32 // RADIX_BITS
+
+# Splitting a row across programs (see `split_factor`).
+_SPLIT_MAX_ROWS = 32  # from this batch on, one program per row already fills the GPU
+_SPLIT_MIN_VOCAB = 16384
+_SPLIT_MIN_CHUNK = 2048  # elements per program, at least
+_SPLIT_MAX_PROGRAMS = 64  # per row: every program re-reads all chunks' partial histograms
+_SPLIT_ALIGN = 64  # chunk starts stay aligned for wide loads
+_SPLIT_MAX_BLOCK = 1024
+_DEFAULT_SM_COUNT = 16  # without a CUDA device to ask (the interpreter): a few programs per row
 
 
 @triton.jit
@@ -58,61 +82,190 @@ def _key_to_float(key):
 
 
 @triton.jit
+def _row_params(row, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, greedy_ptr):
+    greedy = tl.load(greedy_ptr + row) != 0
+    temp = tl.where(greedy, 1.0, tl.load(temperature_ptr + row).to(tl.float32))
+    top_k = tl.load(top_k_ptr + row).to(tl.int32)
+    top_p = tl.load(top_p_ptr + row).to(tl.float32)
+    min_p = tl.load(min_p_ptr + row).to(tl.float32)
+    return greedy, temp, top_k, top_p, min_p
+
+
+@triton.jit
+def _block_histogram(
+    row_ptr, offs, end, temp, row_max, floor, lo,
+    SHIFT: tl.constexpr, USE_MASS: tl.constexpr, NUM_BINS: tl.constexpr,
+):
+    """Digit histogram of one block (entries below `end`) over the eligible entries (s >= floor,
+    finite) whose key lies in [lo, lo + NUM_BINS << SHIFT): counts (int32), or masses (int64: the
+    draw's integer weights, so that sums of any split of the row agree exactly)."""
+    s = _scaled(row_ptr, offs, end, temp)
+    key = _order_key(s)
+    digit = (key - lo) >> SHIFT
+    eligible = (offs < end) & (s >= floor) & (s > float("-inf"))
+    in_range = eligible & (key >= lo) & (digit < NUM_BINS)
+    digit = tl.where(in_range, digit, 0).to(tl.int32)
+    if USE_MASS:
+        bins = tl.arange(0, NUM_BINS)
+        onehot = (digit[:, None] == bins[None, :]) & in_range[:, None]  # [BLOCK, NUM_BINS]
+        weight = draw_weight(s, row_max, in_range)
+        mass = tl.sum(tl.where(onehot, weight[:, None], 0), axis=0)
+        count = tl.zeros([NUM_BINS], dtype=tl.int32)
+    else:
+        count = tl.histogram(digit, NUM_BINS, mask=in_range)
+        mass = tl.zeros([NUM_BINS], dtype=tl.int64)
+    return count, mass
+
+
+@triton.jit
+def _descend(
+    hist_count, hist_mass, lo, above_count, above_mass, eligible_mass, found, target,
+    LEVEL: tl.constexpr, USE_MASS: tl.constexpr, RADIX_BITS: tl.constexpr,
+):
+    """One level of a radix select, from the level's whole-row histogram: keep the largest digit
+    whose suffix (entries above the key range plus bins >= digit) still reaches the goal, and narrow
+    the range to it. Integer inputs only, so every split of the row takes the same digit."""
+    NUM_BINS: tl.constexpr = 1 << RADIX_BITS
+    SHIFT: tl.constexpr = 32 - RADIX_BITS * (LEVEL + 1)
+    bins = tl.arange(0, NUM_BINS)
+    if USE_MASS:
+        if LEVEL == 0:
+            eligible_mass = tl.sum(hist_mass, axis=0)
+        suffix = above_mass + tl.sum(hist_mass, axis=0) - tl.cumsum(hist_mass, axis=0) + hist_mass
+        # float64 holds the int64 masses to 2**-53: the comparison with top_p * mass is exact enough.
+        reached = suffix.to(tl.float64) >= target.to(tl.float64) * eligible_mass.to(tl.float64)
+    else:
+        suffix = above_count + tl.sum(hist_count, axis=0) - tl.cumsum(hist_count, axis=0) + hist_count
+        reached = suffix.to(tl.float32) >= target
+    digit = tl.max(tl.where(reached, bins, -1), axis=0)
+    if LEVEL == 0:
+        found = found & (digit >= 0)
+    # Below level 0 bin 0 always reaches the goal (exact sums): the guard is for rows not searched.
+    digit = tl.maximum(digit, 0)
+    above_count += tl.sum(tl.where(bins > digit, hist_count, 0), axis=0)
+    above_mass += tl.sum(tl.where(bins > digit, hist_mass, 0), axis=0)
+    lo += digit.to(tl.int64) << SHIFT
+    return lo, above_count, above_mass, eligible_mass, found
+
+
+@triton.jit
 def _radix_select(
     row_ptr, V, n_sweep, temp, row_max, floor, target,
     USE_MASS: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Largest key K among the eligible entries (s >= floor, finite) with G(K) >= goal, where
-    G(K) = count (USE_MASS False, goal = target) or mass exp(s - max) (goal = target * the mass of
-    all eligible entries) of the eligible entries with key >= K. Reads the row 32 / RADIX_BITS times
-    (none when n_sweep is 0). Returns (K as a float, -inf when no key qualifies; elements read)."""
+    G(K) = count (USE_MASS False, goal = target) or integer mass (the draw weights; goal = target *
+    the mass of all eligible entries) of the eligible entries with key >= K. Reads the row
+    32 / RADIX_BITS times (none when n_sweep is 0). Returns (K as a float, -inf when no key
+    qualifies; elements read)."""
     NUM_BINS: tl.constexpr = 1 << RADIX_BITS
-    bins = tl.arange(0, NUM_BINS)
     zero = n_sweep * 0
     lo = zero.to(tl.int64)  # the current key range is [lo, lo + 2**(32 - level * RADIX_BITS))
     above_count = zero
-    above_mass = zero.to(tl.float32)
+    above_mass = zero.to(tl.int64)
+    eligible_mass = above_mass
     found = n_sweep > 0
-    goal = target + above_mass
     read = zero
     for level in tl.static_range(32 // RADIX_BITS):
         SHIFT: tl.constexpr = 32 - RADIX_BITS * (level + 1)
         hist_count = tl.zeros([NUM_BINS], dtype=tl.int32)
-        hist_mass = tl.zeros([NUM_BINS], dtype=tl.float32)
+        hist_mass = tl.zeros([NUM_BINS], dtype=tl.int64)
         start = zero
         while start < n_sweep:
             offs = start + tl.arange(0, BLOCK)
-            s = _scaled(row_ptr, offs, V, temp)
-            key = _order_key(s)
-            digit = (key - lo) >> SHIFT
-            eligible = (offs < V) & (s >= floor) & (s > float("-inf"))
-            in_range = eligible & (key >= lo) & (digit < NUM_BINS)
-            digit = tl.where(in_range, digit, 0).to(tl.int32)
-            if USE_MASS:
-                onehot = (digit[:, None] == bins[None, :]) & in_range[:, None]  # [BLOCK, NUM_BINS]
-                weight = tl.exp(s - row_max)
-                hist_mass += tl.sum(tl.where(onehot, weight[:, None], 0.0), axis=0)
-            else:
-                hist_count += tl.histogram(digit, NUM_BINS, mask=in_range)
+            count, mass = _block_histogram(
+                row_ptr, offs, V, temp, row_max, floor, lo, SHIFT, USE_MASS, NUM_BINS
+            )
+            hist_count += count
+            hist_mass += mass
             read += tl.minimum(V - start, BLOCK)
             start += BLOCK
-        if USE_MASS:
-            if level == 0:
-                goal = target * tl.sum(hist_mass, axis=0)  # top_p * the mass of the eligible set
-            suffix = above_mass + tl.sum(hist_mass, axis=0) - tl.cumsum(hist_mass, axis=0) + hist_mass
-        else:
-            suffix = (above_count + tl.sum(hist_count, axis=0) - tl.cumsum(hist_count, axis=0) + hist_count)
-            suffix = suffix.to(tl.float32)
-        digit_star = tl.max(tl.where(suffix >= goal, bins, -1), axis=0)
-        if level == 0:
-            found = found & (digit_star >= 0)
-        # Float round-off can leave no bin reaching the goal below level 0: keep the whole range.
-        digit_star = tl.maximum(digit_star, 0)
-        above_count += tl.sum(tl.where(bins > digit_star, hist_count, 0), axis=0)
-        above_mass += tl.sum(tl.where(bins > digit_star, hist_mass, 0.0), axis=0)
-        lo += digit_star.to(tl.int64) << SHIFT
+        lo, above_count, above_mass, eligible_mass, found = _descend(
+            hist_count, hist_mass, lo, above_count, above_mass, eligible_mass, found, target,
+            level, USE_MASS, RADIX_BITS,
+        )
     threshold = tl.where(found, _key_to_float(lo), float("-inf"))
     return threshold, read
+
+
+@triton.jit
+def _chunk_stats(row_ptr, begin, end, temp, BLOCK: tl.constexpr):
+    """Max, softmax normaliser relative to that max (online, per lane) and first index of the max
+    over the entries [begin, end) of a row. An all -inf span gives (-inf, 0, 0)."""
+    lane_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    lane_norm = tl.zeros([BLOCK], dtype=tl.float32)
+    lane_arg = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(begin, end, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        s = _scaled(row_ptr, offs, end, temp)
+        lane_arg = tl.where(s > lane_max, offs, lane_arg)
+        new_max = tl.maximum(lane_max, s)
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        lane_norm = lane_norm * tl.exp(lane_max - safe_max) + tl.exp(s - safe_max)
+        lane_max = new_max
+    span_max = tl.max(lane_max, axis=0)
+    safe_span_max = tl.where(span_max == float("-inf"), 0.0, span_max)
+    norm = tl.sum(lane_norm * tl.exp(lane_max - safe_span_max), axis=0)
+    argmax = tl.min(tl.where(lane_max == span_max, lane_arg, end), axis=0)
+    argmax = tl.where(argmax == end, 0, argmax)
+    return span_max, norm, argmax
+
+
+@triton.jit
+def _min_p_threshold(greedy, min_p, row_max):
+    return tl.where((~greedy) & (min_p > 0.0), row_max + tl.log(tl.maximum(min_p, 1e-30)), float("-inf"))
+
+
+@triton.jit
+def _kept_totals(row_ptr, begin, stop, end, temp, threshold, safe_row_max, BLOCK: tl.constexpr):
+    """Integer total of the kept draw weights and the kept softmax mass over [begin, stop) (stop is
+    `begin` for rows that draw nothing, else `end`); also the elements read."""
+    total = tl.zeros([BLOCK], dtype=tl.int64).sum(axis=0)
+    kept_norm = tl.zeros([BLOCK], dtype=tl.float32).sum(axis=0)
+    read = begin * 0
+    start = begin
+    while start < stop:
+        offs = start + tl.arange(0, BLOCK)
+        s = _scaled(row_ptr, offs, end, temp)
+        kept = (offs < end) & (s >= threshold) & (s > float("-inf"))
+        total += tl.sum(draw_weight(s, safe_row_max, kept), axis=0)
+        kept_norm += tl.sum(tl.where(kept, tl.exp(s - safe_row_max), 0.0), axis=0)
+        read += tl.minimum(end - start, BLOCK)
+        start += BLOCK
+    return total, kept_norm, read
+
+
+@triton.jit
+def _row_draw_target(seeds_ptr, offsets_ptr, row, total):
+    """The row's Philox word scaled into [0, total): the running weight sum the pick must pass."""
+    offset = tl.load(offsets_ptr + row).to(tl.uint64)
+    seed = tl.load(seeds_ptr + row).to(tl.uint64)
+    offset_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
+    seed_lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+    word = philox_word(
+        offset_lo * 0, offset_lo, (offset >> 32).to(tl.uint32), seed_lo, (seed >> 32).to(tl.uint32)
+    )
+    return draw_target(total, word.to(tl.int64))
+
+
+@triton.jit
+def _pick(row_ptr, begin, stop, end, V, temp, threshold, safe_row_max, running, target, BLOCK: tl.constexpr):
+    """First index in [begin, stop) where `running` plus the kept weights up to it passes `target`
+    (V when none does; stops at it); also the elements read."""
+    token = V + begin * 0
+    read = begin * 0
+    start = begin
+    while (start < stop) & (token == V):
+        offs = start + tl.arange(0, BLOCK)
+        s = _scaled(row_ptr, offs, end, temp)
+        kept = (offs < end) & (s >= threshold) & (s > float("-inf"))
+        w = draw_weight(s, safe_row_max, kept)
+        passed = (running + tl.cumsum(w, axis=0)) > target
+        token = tl.minimum(token, tl.min(tl.where(passed & (offs < end), offs, V), axis=0))
+        running += tl.sum(w, axis=0)
+        read += tl.minimum(end - start, BLOCK)
+        start += BLOCK
+    return token, read
 
 
 @triton.jit
@@ -121,31 +274,16 @@ def _sample_kernel(
     seeds_ptr, offsets_ptr, greedy_ptr, out_token_ptr, out_logprob_ptr, out_threshold_ptr, out_read_ptr,
     V, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr, RADIX_BLOCK: tl.constexpr,
 ):
+    """One program per row: every pass streams the whole row."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
-    greedy = tl.load(greedy_ptr + row) != 0
-    temp = tl.where(greedy, 1.0, tl.load(temperature_ptr + row).to(tl.float32))
-    top_k = tl.load(top_k_ptr + row).to(tl.int32)
-    top_p = tl.load(top_p_ptr + row).to(tl.float32)
-    min_p = tl.load(min_p_ptr + row).to(tl.float32)
+    greedy, temp, top_k, top_p, min_p = _row_params(
+        row, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, greedy_ptr
+    )
 
-    # Pass 1: row max, softmax normaliser (online, per lane), first index of the max.
-    lane_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    lane_norm = tl.zeros([BLOCK], dtype=tl.float32)
-    lane_arg = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        s = _scaled(row_ptr, offs, V, temp)
-        lane_arg = tl.where(s > lane_max, offs, lane_arg)
-        new_max = tl.maximum(lane_max, s)
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        lane_norm = lane_norm * tl.exp(lane_max - safe_max) + tl.exp(s - safe_max)
-        lane_max = new_max
-    row_max = tl.max(lane_max, axis=0)
+    # Pass 1: row max, softmax normaliser, first index of the max.
+    row_max, norm, argmax = _chunk_stats(row_ptr, 0, V, temp, BLOCK)
     safe_row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-    norm = tl.sum(lane_norm * tl.exp(lane_max - safe_row_max), axis=0)
-    argmax = tl.min(tl.where(lane_max == row_max, lane_arg, V), axis=0)
-    argmax = tl.where(argmax == V, 0, argmax)
     read = V + top_k * 0
 
     # Thresholds (no pass at all for greedy rows or filters that are off).
@@ -158,45 +296,19 @@ def _sample_kernel(
     t_p, read_p = _radix_select(
         row_ptr, V, n_top_p, temp, safe_row_max, t_k, top_p, True, RADIX_BITS, RADIX_BLOCK,
     )
-    t_m = tl.where((~greedy) & (min_p > 0.0), row_max + tl.log(tl.maximum(min_p, 1e-30)), float("-inf"))
-    threshold = tl.maximum(tl.maximum(t_k, t_p), t_m)
+    threshold = tl.maximum(tl.maximum(t_k, t_p), _min_p_threshold(greedy, min_p, row_max))
     read += read_k + read_p
 
     # Draw: the integer total of the kept weights, then the first index whose running sum passes
     # the target (stops there).
     n_draw = tl.where(greedy, 0, V)
-    total = tl.zeros([BLOCK], dtype=tl.int64).sum(axis=0)
-    kept_norm = norm * 0.0
-    start = n_draw * 0
-    while start < n_draw:
-        offs = start + tl.arange(0, BLOCK)
-        s = _scaled(row_ptr, offs, V, temp)
-        kept = (offs < V) & (s >= threshold) & (s > float("-inf"))
-        total += tl.sum(draw_weight(s, safe_row_max, kept), axis=0)
-        kept_norm += tl.sum(tl.where(kept, tl.exp(s - safe_row_max), 0.0), axis=0)
-        read += tl.minimum(V - start, BLOCK)
-        start += BLOCK
-    offset = tl.load(offsets_ptr + row).to(tl.uint64)
-    seed = tl.load(seeds_ptr + row).to(tl.uint64)
-    offset_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
-    seed_lo = (seed & 0xFFFFFFFF).to(tl.uint32)
-    word = philox_word(
-        offset_lo * 0, offset_lo, (offset >> 32).to(tl.uint32), seed_lo, (seed >> 32).to(tl.uint32)
+    zero = top_k * 0
+    total, kept_norm, read_total = _kept_totals(row_ptr, zero, n_draw, V, temp, threshold, safe_row_max, BLOCK)
+    target = _row_draw_target(seeds_ptr, offsets_ptr, row, total)
+    token, read_pick = _pick(
+        row_ptr, zero, n_draw, V, V, temp, threshold, safe_row_max, total * 0, target, BLOCK
     )
-    target = draw_target(total, word.to(tl.int64))
-    token = V + top_k * 0
-    running = total * 0
-    start = n_draw * 0
-    while (start < n_draw) & (token == V):
-        offs = start + tl.arange(0, BLOCK)
-        s = _scaled(row_ptr, offs, V, temp)
-        kept = (offs < V) & (s >= threshold) & (s > float("-inf"))
-        w = draw_weight(s, safe_row_max, kept)
-        passed = (running + tl.cumsum(w, axis=0)) > target
-        token = tl.minimum(token, tl.min(tl.where(passed & (offs < V), offs, V), axis=0))
-        running += tl.sum(w, axis=0)
-        read += tl.minimum(V - start, BLOCK)
-        start += BLOCK
+    read += read_total + read_pick
     token = tl.where(greedy, argmax, tl.where(token == V, 0, token))
     s_token = tl.load(row_ptr + token).to(tl.float32) / temp
     logprob = (s_token - row_max) - tl.log(tl.where(greedy, norm, kept_norm))
@@ -204,6 +316,353 @@ def _sample_kernel(
     tl.store(out_logprob_ptr + row, logprob)
     tl.store(out_threshold_ptr + row, threshold)
     tl.store(out_read_ptr + row, read)
+
+
+# ---------------------------------------------------------------- one row over several programs
+#
+# Grid (rows, chunks): program (row, c) owns the entries [c * CHUNK, (c + 1) * CHUNK) of its row.
+# Each launch is one pass; what a pass needs from the whole row (the row max, a level's histogram,
+# the kept total) is combined from the previous launch's per-chunk partials by every program that
+# needs it: max and argmax are order-free, histograms and totals are integer sums, so each program
+# takes exactly the decision the one-program kernel takes. Partials live in [rows, chunks] buffers;
+# elements read are counted per program and summed per row on the host.
+
+
+@triton.jit
+def _chunk_bounds(part, V, CHUNK):
+    begin = part * CHUNK
+    return begin, tl.minimum(begin + CHUNK, V)
+
+
+@triton.jit
+def _combine_row_stats(
+    chunk_max_ptr, chunk_norm_ptr, chunk_arg_ptr, row, V, NUM_CHUNKS, CHUNKS_POW2: tl.constexpr,
+):
+    """Row max, softmax normaliser and first index of the max from the per-chunk ones."""
+    parts = tl.arange(0, CHUNKS_POW2)
+    valid = parts < NUM_CHUNKS
+    base = row * NUM_CHUNKS
+    chunk_max = tl.load(chunk_max_ptr + base + parts, mask=valid, other=float("-inf"))
+    chunk_norm = tl.load(chunk_norm_ptr + base + parts, mask=valid, other=0.0)
+    chunk_arg = tl.load(chunk_arg_ptr + base + parts, mask=valid, other=V)
+    row_max = tl.max(chunk_max, axis=0)
+    safe_row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    norm = tl.sum(chunk_norm * tl.exp(chunk_max - safe_row_max), axis=0)
+    argmax = tl.min(tl.where(chunk_max == row_max, chunk_arg, V), axis=0)
+    argmax = tl.where(argmax == V, 0, argmax)
+    return row_max, safe_row_max, norm, argmax
+
+
+@triton.jit
+def _split_stats_kernel(
+    logits_ptr, stride_row, temperature_ptr, greedy_ptr,
+    chunk_max_ptr, chunk_norm_ptr, chunk_arg_ptr, read_ptr,
+    V, CHUNK, NUM_CHUNKS, BLOCK: tl.constexpr,
+):
+    """Pass 1 over one chunk: its max, normaliser and argmax."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    row_ptr = logits_ptr + row * stride_row
+    greedy = tl.load(greedy_ptr + row) != 0
+    temp = tl.where(greedy, 1.0, tl.load(temperature_ptr + row).to(tl.float32))
+    begin, end = _chunk_bounds(part, V, CHUNK)
+    span_max, norm, argmax = _chunk_stats(row_ptr, begin, end, temp, BLOCK)
+    slot = row * NUM_CHUNKS + part
+    tl.store(chunk_max_ptr + slot, span_max)
+    tl.store(chunk_norm_ptr + slot, norm)
+    tl.store(chunk_arg_ptr + slot, argmax)
+    tl.store(read_ptr + slot, end - begin)
+
+
+@triton.jit
+def _split_select_state(
+    state_ptr, hist_ptr, row, num_rows, NUM_CHUNKS, searched, target,
+    LEVEL: tl.constexpr, USE_MASS: tl.constexpr, RADIX_BITS: tl.constexpr, CHUNKS_POW2: tl.constexpr,
+):
+    """The select's state before level LEVEL: the initial one, or the state stored before level
+    LEVEL - 1 descended by that level's histogram (the chunks' partials, summed)."""
+    if LEVEL == 0:
+        lo = row * 0
+        above_count = NUM_CHUNKS * 0
+        above_mass = row * 0
+        eligible_mass = row * 0
+        found = searched
+    else:
+        NUM_BINS: tl.constexpr = 1 << RADIX_BITS
+        PREV: tl.constexpr = (LEVEL - 1) % 2
+        state = state_ptr + (PREV * num_rows + row) * 5
+        lo = tl.load(state)
+        above_count = tl.load(state + 1).to(tl.int32)
+        above_mass = tl.load(state + 2)
+        eligible_mass = tl.load(state + 3)
+        found = tl.load(state + 4) != 0
+        parts = tl.arange(0, CHUNKS_POW2)
+        bins = tl.arange(0, NUM_BINS)
+        partials = hist_ptr + ((PREV * num_rows + row) * NUM_CHUNKS + parts[:, None]) * NUM_BINS + bins[None, :]
+        valid = (parts[:, None] < NUM_CHUNKS) & (bins[None, :] < NUM_BINS)  # [CHUNKS_POW2, NUM_BINS]
+        hist = tl.sum(tl.load(partials, mask=valid, other=0), axis=0)
+        if USE_MASS:
+            hist_count = tl.zeros([NUM_BINS], dtype=tl.int32)
+            hist_mass = hist
+        else:
+            hist_count = hist.to(tl.int32)
+            hist_mass = tl.zeros([NUM_BINS], dtype=tl.int64)
+        lo, above_count, above_mass, eligible_mass, found = _descend(
+            hist_count, hist_mass, lo, above_count, above_mass, eligible_mass, found, target,
+            LEVEL - 1, USE_MASS, RADIX_BITS,
+        )
+    return lo, above_count, above_mass, eligible_mass, found
+
+
+@triton.jit
+def _split_radix_level_kernel(
+    logits_ptr, stride_row, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, greedy_ptr,
+    chunk_max_ptr, chunk_norm_ptr, chunk_arg_ptr, state_ptr, hist_ptr, thresholds_ptr, read_ptr,
+    V, CHUNK, NUM_CHUNKS, num_rows,
+    LEVEL: tl.constexpr, USE_MASS: tl.constexpr, RADIX_BITS: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNKS_POW2: tl.constexpr,
+):
+    """Level LEVEL of the top-k (USE_MASS False) or top-p select of `_radix_select`, one chunk per
+    program: descend by the whole-row histogram of level LEVEL - 1, then write this chunk's
+    histogram of level LEVEL. LEVEL == 32 / RADIX_BITS only descends and writes the threshold
+    (thresholds_ptr: [2, rows], t_k then t_p; top-p reads t_k as its floor; -inf when the row does
+    not search). Select state (lo, above count, above mass, eligible mass, found: int64
+    [2, rows, 5]) and histograms (int64 [2, rows, chunks, bins]) alternate between two slots by
+    level parity, so a launch never overwrites what its own programs still read. Rows that do not
+    search skip everything else."""
+    NUM_BINS: tl.constexpr = 1 << RADIX_BITS
+    NUM_LEVELS: tl.constexpr = 32 // RADIX_BITS
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    greedy, temp, top_k, top_p, min_p = _row_params(
+        row, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, greedy_ptr
+    )
+    if USE_MASS:
+        searched = (~greedy) & (top_p < 1.0)
+        target = top_p
+    else:
+        searched = (~greedy) & (top_k > 0) & (top_k < V)
+        target = top_k.to(tl.float32)
+
+    if LEVEL == NUM_LEVELS:
+        threshold = float("-inf") + temp * 0
+        if searched:
+            lo, above_count, above_mass, eligible_mass, found = _split_select_state(
+                state_ptr, hist_ptr, row, num_rows, NUM_CHUNKS, searched, target,
+                LEVEL, USE_MASS, RADIX_BITS, CHUNKS_POW2,
+            )
+            threshold = tl.where(found, _key_to_float(lo), float("-inf"))
+        if USE_MASS:
+            tl.store(thresholds_ptr + num_rows + row, threshold)
+        else:
+            tl.store(thresholds_ptr + row, threshold)
+    elif searched:
+        lo, above_count, above_mass, eligible_mass, found = _split_select_state(
+            state_ptr, hist_ptr, row, num_rows, NUM_CHUNKS, searched, target,
+            LEVEL, USE_MASS, RADIX_BITS, CHUNKS_POW2,
+        )
+        SLOT: tl.constexpr = LEVEL % 2
+        first = part == 0
+        state = state_ptr + (SLOT * num_rows + row) * 5
+        tl.store(state, lo, mask=first)
+        tl.store(state + 1, above_count.to(tl.int64), mask=first)
+        tl.store(state + 2, above_mass, mask=first)
+        tl.store(state + 3, eligible_mass, mask=first)
+        tl.store(state + 4, found.to(tl.int64), mask=first)
+
+        if USE_MASS:
+            row_max, safe_row_max, norm, argmax = _combine_row_stats(
+                chunk_max_ptr, chunk_norm_ptr, chunk_arg_ptr, row, V, NUM_CHUNKS, CHUNKS_POW2
+            )
+            floor = tl.load(thresholds_ptr + row)  # t_k
+        else:
+            safe_row_max = temp * 0  # unused by counts
+            floor = float("-inf")
+        SHIFT: tl.constexpr = 32 - RADIX_BITS * (LEVEL + 1)
+        row_ptr = logits_ptr + row * stride_row
+        begin, end = _chunk_bounds(part, V, CHUNK)
+        hist_count = tl.zeros([NUM_BINS], dtype=tl.int32)
+        hist_mass = tl.zeros([NUM_BINS], dtype=tl.int64)
+        for start in range(begin, end, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            count, mass = _block_histogram(
+                row_ptr, offs, end, temp, safe_row_max, floor, lo, SHIFT, USE_MASS, NUM_BINS
+            )
+            hist_count += count
+            hist_mass += mass
+        partial = hist_ptr + ((SLOT * num_rows + row) * NUM_CHUNKS + part) * NUM_BINS + tl.arange(0, NUM_BINS)
+        if USE_MASS:
+            tl.store(partial, hist_mass)
+        else:
+            tl.store(partial, hist_count.to(tl.int64))
+        slot = row * NUM_CHUNKS + part
+        tl.store(read_ptr + slot, tl.load(read_ptr + slot) + (end - begin))
+
+
+@triton.jit
+def _split_row_threshold(thresholds_ptr, row, num_rows, greedy, min_p, row_max):
+    t_k = tl.load(thresholds_ptr + row)
+    t_p = tl.load(thresholds_ptr + num_rows + row)
+    return tl.maximum(tl.maximum(t_k, t_p), _min_p_threshold(greedy, min_p, row_max))
+
+
+@triton.jit
+def _split_totals_kernel(
+    logits_ptr, stride_row, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, greedy_ptr,
+    chunk_max_ptr, chunk_norm_ptr, chunk_arg_ptr, thresholds_ptr,
+    chunk_total_ptr, chunk_kept_norm_ptr, read_ptr,
+    V, CHUNK, NUM_CHUNKS, num_rows, BLOCK: tl.constexpr, CHUNKS_POW2: tl.constexpr,
+):
+    """The chunk's integer total of kept draw weights and its kept softmax mass."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    row_ptr = logits_ptr + row * stride_row
+    greedy, temp, top_k, top_p, min_p = _row_params(
+        row, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, greedy_ptr
+    )
+    row_max, safe_row_max, norm, argmax = _combine_row_stats(
+        chunk_max_ptr, chunk_norm_ptr, chunk_arg_ptr, row, V, NUM_CHUNKS, CHUNKS_POW2
+    )
+    threshold = _split_row_threshold(thresholds_ptr, row, num_rows, greedy, min_p, row_max)
+    begin, end = _chunk_bounds(part, V, CHUNK)
+    stop = tl.where(greedy, begin, end)
+    total, kept_norm, read = _kept_totals(row_ptr, begin, stop, end, temp, threshold, safe_row_max, BLOCK)
+    slot = row * NUM_CHUNKS + part
+    tl.store(chunk_total_ptr + slot, total)
+    tl.store(chunk_kept_norm_ptr + slot, kept_norm)
+    tl.store(read_ptr + slot, tl.load(read_ptr + slot) + read)
+
+
+@triton.jit
+def _split_pick_kernel(
+    logits_ptr, stride_row, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, greedy_ptr,
+    seeds_ptr, offsets_ptr,
+    chunk_max_ptr, chunk_norm_ptr, chunk_arg_ptr, thresholds_ptr,
+    chunk_total_ptr, chunk_kept_norm_ptr, read_ptr,
+    out_token_ptr, out_logprob_ptr, out_threshold_ptr,
+    V, CHUNK, NUM_CHUNKS, num_rows, BLOCK: tl.constexpr, CHUNKS_POW2: tl.constexpr,
+):
+    """The draw: the chunk whose running total passes the target scans for the token and writes
+    the row's outputs (chunk 0 writes them when no chunk draws: greedy or nothing kept)."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    row_ptr = logits_ptr + row * stride_row
+    greedy, temp, top_k, top_p, min_p = _row_params(
+        row, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, greedy_ptr
+    )
+    row_max, safe_row_max, norm, argmax = _combine_row_stats(
+        chunk_max_ptr, chunk_norm_ptr, chunk_arg_ptr, row, V, NUM_CHUNKS, CHUNKS_POW2
+    )
+    threshold = _split_row_threshold(thresholds_ptr, row, num_rows, greedy, min_p, row_max)
+
+    parts = tl.arange(0, CHUNKS_POW2)
+    valid = parts < NUM_CHUNKS
+    chunk_total = tl.load(chunk_total_ptr + row * NUM_CHUNKS + parts, mask=valid, other=0)
+    kept_norm = tl.sum(tl.load(chunk_kept_norm_ptr + row * NUM_CHUNKS + parts, mask=valid, other=0.0), axis=0)
+    through = tl.cumsum(chunk_total, axis=0)  # running total up to the end of each chunk
+    before = through - chunk_total
+    total = tl.sum(chunk_total, axis=0)
+    target = _row_draw_target(seeds_ptr, offsets_ptr, row, total)
+    holds_target = valid & (before <= target) & (target < through) & (~greedy)
+    owner = tl.min(tl.where(holds_target, parts, NUM_CHUNKS), axis=0)
+    running = tl.sum(tl.where(parts == part, before, 0), axis=0)
+
+    begin, end = _chunk_bounds(part, V, CHUNK)
+    stop = tl.where(part == owner, end, begin)
+    token, read = _pick(row_ptr, begin, stop, end, V, temp, threshold, safe_row_max, running, target, BLOCK)
+    token = tl.where(greedy, argmax, tl.where(token == V, 0, token))
+    s_token = tl.load(row_ptr + token).to(tl.float32) / temp
+    logprob = (s_token - row_max) - tl.log(tl.where(greedy, norm, kept_norm))
+    writer = part == tl.where(owner == NUM_CHUNKS, 0, owner)
+    tl.store(out_token_ptr + row, token.to(tl.int64), mask=writer)
+    tl.store(out_logprob_ptr + row, logprob, mask=writer)
+    tl.store(out_threshold_ptr + row, threshold, mask=writer)
+    slot = row * NUM_CHUNKS + part
+    tl.store(read_ptr + slot, tl.load(read_ptr + slot) + read)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SM_COUNT
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_factor(batch: int, vocab: int, num_sms: int) -> int:
+    """Programs per row for the automatic choice: 1 (one program streams the row) unless the batch
+    leaves most of the GPU idle and the row is long; then as many as fill the SMs, each on at least
+    `_SPLIT_MIN_CHUNK` entries, at most `_SPLIT_MAX_PROGRAMS`."""
+    if batch == 0 or batch >= _SPLIT_MAX_ROWS or vocab < _SPLIT_MIN_VOCAB:
+        return 1
+    return max(1, min(vocab // _SPLIT_MIN_CHUNK, num_sms // batch, _SPLIT_MAX_PROGRAMS))
+
+
+def _row_chunk(batch: int, vocab: int, device: torch.device, split: int | None) -> int:
+    """Entries per program (the last chunk of a row may be shorter); the vocabulary when one
+    program streams the whole row."""
+    if split is None:
+        split = split_factor(batch, vocab, _sm_count(device))
+    if split <= 1 or batch == 0:
+        return max(vocab, 1)
+    chunk = triton.cdiv(triton.cdiv(vocab, split), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    return min(chunk, max(vocab, 1))
+
+
+def programs_per_row(batch: int, vocab: int, device: torch.device, split: int | None = None) -> int:
+    """Programs `sample_triton` runs per row for this batch (`split` as there)."""
+    return triton.cdiv(max(vocab, 1), _row_chunk(batch, vocab, device, split))
+
+
+def _sample_split(logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy,
+                  tokens, logprobs, thresholds, chunk):
+    """Launch the split passes; returns the elements read per row ([B] int32)."""
+    batch, vocab = logits.shape
+    device = logits.device
+    num_chunks = triton.cdiv(vocab, chunk)
+    block = min(_SPLIT_MAX_BLOCK, triton.next_power_of_2(chunk))
+    chunks_pow2 = triton.next_power_of_2(num_chunks)
+    per_chunk = (batch, num_chunks)
+    chunk_max = torch.empty(per_chunk, dtype=torch.float32, device=device)
+    chunk_norm = torch.empty(per_chunk, dtype=torch.float32, device=device)
+    chunk_arg = torch.empty(per_chunk, dtype=torch.int32, device=device)
+    chunk_total = torch.empty(per_chunk, dtype=torch.int64, device=device)
+    chunk_kept_norm = torch.empty(per_chunk, dtype=torch.float32, device=device)
+    read = torch.empty(per_chunk, dtype=torch.int32, device=device)
+    state = torch.empty((2, batch, 5), dtype=torch.int64, device=device)
+    hist = torch.empty((2, batch, num_chunks, 1 << RADIX_BITS), dtype=torch.int64, device=device)
+    row_thresholds = torch.empty((2, batch), dtype=torch.float32, device=device)  # t_k, t_p
+    greedy = greedy.to(torch.int8)
+    grid = (batch, num_chunks)
+    launch = dict(num_warps=8, enable_fp_fusion=False)  # same float32 rounding as the torch reference
+    row_args = (logits, logits.stride(0), temperature, top_k, top_p, min_p, greedy)
+    stats = (chunk_max, chunk_norm, chunk_arg)
+
+    _split_stats_kernel[grid](
+        logits, logits.stride(0), temperature, greedy, *stats, read,
+        vocab, chunk, num_chunks, BLOCK=block, **launch,
+    )
+    for use_mass in (False, True):  # top-k, then top-p above t_k
+        for level in range(_NUM_LEVELS + 1):
+            _split_radix_level_kernel[grid if level < _NUM_LEVELS else (batch, 1)](
+                *row_args, *stats, state, hist, row_thresholds, read,
+                vocab, chunk, num_chunks, batch,
+                LEVEL=level, USE_MASS=use_mass, RADIX_BITS=RADIX_BITS,
+                BLOCK=block, CHUNKS_POW2=chunks_pow2, **launch,
+            )
+    _split_totals_kernel[grid](
+        *row_args, *stats, row_thresholds, chunk_total, chunk_kept_norm, read,
+        vocab, chunk, num_chunks, batch, BLOCK=block, CHUNKS_POW2=chunks_pow2, **launch,
+    )
+    _split_pick_kernel[grid](
+        *row_args, seeds, offsets, *stats, row_thresholds, chunk_total, chunk_kept_norm, read,
+        tokens, logprobs, thresholds,
+        vocab, chunk, num_chunks, batch, BLOCK=block, CHUNKS_POW2=chunks_pow2, **launch,
+    )
+    return read.sum(dim=1)
 
 
 def sample_triton(
@@ -217,10 +676,13 @@ def sample_triton(
     greedy: torch.Tensor,
     return_threshold: bool = False,
     return_passes: bool = False,
+    split: int | None = None,
 ):
     """The fused kernel: ids [B] int64 and log-probs [B] float32. With `return_threshold`, also the
     per-row logit threshold ([B] float32, temperature-scaled; kept = logits / T >= threshold); with
-    `return_passes`, also the passes over each row the kernel made ([B] float32, elements read / V)."""
+    `return_passes`, also the passes over each row the kernel made ([B] float32, elements read / V,
+    summed over all programs of the row). `split`: programs per row (None: `split_factor` of the
+    batch, the vocabulary and the GPU's SMs; 1: one program per row); the draws are the same."""
     check_shapes(logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -230,7 +692,13 @@ def sample_triton(
     logprobs = torch.empty(batch, dtype=torch.float32, device=device)  # [B]
     thresholds = torch.empty(batch, dtype=torch.float32, device=device)  # [B]
     read = torch.empty(batch, dtype=torch.int32, device=device)  # [B] elements read per row
-    if batch > 0:
+    chunk = _row_chunk(batch, vocab, device, split)
+    if chunk < vocab:
+        read = _sample_split(
+            logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy,
+            tokens, logprobs, thresholds, chunk,
+        )
+    elif batch > 0:
         block = min(_MAX_BLOCK, triton.next_power_of_2(vocab))
         _sample_kernel[(batch,)](
             logits, logits.stride(0), temperature, top_k, top_p, min_p,
@@ -275,7 +743,9 @@ __all__ = [
     "RADIX_BITS",
     "apply_sampling_filters",
     "greedy_argmax",
+    "programs_per_row",
     "sample",
     "sample_reference",
     "sample_triton",
+    "split_factor",
 ]

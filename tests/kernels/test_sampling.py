@@ -18,9 +18,11 @@ from transformers.generation.logits_process import (
 from tokenmill.kernels._philox import draw_target_torch, philox_word_torch
 from tokenmill.kernels.sampling import (
     apply_sampling_filters,
+    programs_per_row,
     sample,
     sample_reference,
     sample_triton,
+    split_factor,
 )
 
 NEG_INF = float("-inf")
@@ -68,9 +70,9 @@ def kept_by_sorting(logits, temperature, top_k, top_p, min_p, greedy):
     return filtered > NEG_INF
 
 
-def assert_triton_matches_reference(logits, params):
+def assert_triton_matches_reference(logits, params, split=None):
     temperature, top_k, top_p, min_p, seeds, offsets, greedy = params
-    tokens, logprobs, thresholds = sample_triton(logits, *params, return_threshold=True)
+    tokens, logprobs, thresholds = sample_triton(logits, *params, return_threshold=True, split=split)
     ref_tokens, ref_logprobs = sample_reference(logits, *params)
     kept = kept_by_threshold(logits, temperature, greedy, thresholds)
     ref_kept = kept_by_sorting(logits, temperature, top_k, top_p, min_p, greedy)
@@ -315,8 +317,10 @@ def test_top_k_top_p_rows_are_not_sorted(monkeypatch):
     assert sorted_rows == [2]
 
 
-def test_kernel_passes_over_a_row_are_bounded():
-    """Elements read per row / vocab, as the kernel counts them: the pass budget of each row kind."""
+@pytest.mark.parametrize("split", [1, 3])
+def test_kernel_passes_over_a_row_are_bounded(split):
+    """Elements read per row / vocab, as the kernel counts them (over all programs of a split row):
+    the pass budget of each row kind."""
     gen = torch.Generator().manual_seed(47)
     vocab = 5000  # two blocks
     kinds = {  # temperature, top_k, top_p, min_p, greedy -> most passes allowed
@@ -334,7 +338,7 @@ def test_kernel_passes_over_a_row_are_bounded():
         torch.tensor(columns[3]), torch.arange(batch, dtype=torch.int64), torch.zeros(batch, dtype=torch.int64),
         torch.tensor(columns[4]),
     )
-    tokens, _, passes = sample_triton(logits, *params, return_passes=True)
+    tokens, _, passes = sample_triton(logits, *params, return_passes=True, split=split)
     assert torch.equal(tokens, sample_reference(logits, *params)[0])
     for (name, (_, budget)), got in zip(kinds.items(), passes.tolist()):
         assert got <= budget, f"{name}: {got} passes, budget {budget}"
@@ -403,6 +407,122 @@ def test_samples_follow_the_filtered_distribution(top_k, top_p, min_p):
     assert torch.equal(triton_tokens, tokens[some])
 
 
+# ---------------------------------------------------------------- one row over several programs
+
+SPLIT_KINDS = {  # temperature, top_k, top_p, min_p, greedy
+    "pure": (1.0, 0, 1.0, 0.0, False),
+    "temperature": (0.6, 0, 1.0, 0.0, False),
+    "top_k": (0.8, 40, 1.0, 0.0, False),
+    "top_p": (0.9, 0, 0.85, 0.0, False),
+    "top_k_top_p": (0.8, 60, 0.7, 0.0, False),
+    "min_p": (1.2, 0, 1.0, 0.08, False),
+    "all_filters": (0.7, 30, 0.9, 0.02, False),
+    "greedy": (1.0, 0, 1.0, 0.0, True),
+}
+
+
+def split_params(kinds, gen):
+    """Per-row parameters of the given SPLIT_KINDS, fresh seeds and offsets per row."""
+    columns = list(zip(*(SPLIT_KINDS[kind] for kind in kinds)))
+    batch = len(kinds)
+    return (
+        torch.tensor(columns[0]), torch.tensor(columns[1], dtype=torch.int32), torch.tensor(columns[2]),
+        torch.tensor(columns[3]),
+        torch.randint(-(2**62), 2**62, (batch,), generator=gen, dtype=torch.int64),
+        torch.randint(0, 2**40, (batch,), generator=gen, dtype=torch.int64),
+        torch.tensor(columns[4]),
+    )
+
+
+def assert_split_matches_one_program(logits, params, split, reference_rows=slice(None)):
+    """The row split over `split` programs draws the very tokens of the one-program kernel, with the
+    same thresholds; on `reference_rows` also those of the torch reference, with its kept sets."""
+    assert programs_per_row(*logits.shape, logits.device, split) == split  # really split
+    tokens, logprobs, thresholds = sample_triton(logits, *params, return_threshold=True, split=split)
+    one_tokens, one_logprobs, one_thresholds = sample_triton(logits, *params, return_threshold=True, split=1)
+    assert tokens.tolist() == one_tokens.tolist()
+    assert torch.equal(thresholds, one_thresholds)
+    torch.testing.assert_close(logprobs, one_logprobs, atol=2e-4, rtol=1e-4)
+    logits, params = logits[reference_rows], tuple(p[reference_rows] for p in params)
+    ref_tokens, ref_logprobs = sample_reference(logits, *params)
+    assert tokens[reference_rows].tolist() == ref_tokens.tolist()
+    torch.testing.assert_close(logprobs[reference_rows], ref_logprobs, atol=2e-4, rtol=1e-4)
+    temperature, top_k, top_p, min_p, _, _, greedy = params
+    kept = kept_by_threshold(logits, temperature, greedy, thresholds[reference_rows])
+    assert torch.equal(kept, kept_by_sorting(logits, temperature, top_k, top_p, min_p, greedy))
+
+
+def test_split_factor_splits_small_batches_only():
+    assert split_factor(1, 128256, 132) > 1
+    assert split_factor(256, 128256, 132) == 1
+    assert split_factor(31, 128256, 132) > 1
+    assert split_factor(32, 128256, 132) == 1
+    assert split_factor(1, 1000, 132) == 1  # a short row: one program streams it fast enough
+    for batch in (1, 2, 7, 16, 31):
+        programs = split_factor(batch, 151936, 132)
+        assert batch * programs <= 132
+        assert 151936 / programs >= 2048  # no program left with a sliver
+    cpu = torch.device("cpu")
+    assert programs_per_row(1, 128256, cpu) > 1  # the automatic choice, as sample_triton makes it
+    assert programs_per_row(256, 128256, cpu) == 1
+    assert programs_per_row(1, 128256, cpu, split=1) == 1
+    assert programs_per_row(3, 1000, cpu, split=3) == 3
+
+
+@pytest.mark.parametrize("vocab,split", [(1000, 3), (4099, 4)])
+def test_split_row_mixed_batch_matches_one_program_and_reference(vocab, split):
+    """Every row kind in one batch (greedy included), vocabularies that are no multiple of a block."""
+    gen = torch.Generator().manual_seed(vocab + split)
+    kinds = list(SPLIT_KINDS)
+    assert_split_matches_one_program(make_logits(len(kinds), vocab, gen), split_params(kinds, gen), split)
+
+
+@pytest.mark.parametrize(
+    "kind,seeds", [("pure", 8), ("min_p", 8), ("top_k", 3), ("top_p", 3), ("top_k_top_p", 3)]
+)
+def test_split_row_draws_match_on_many_seeds(kind, seeds):
+    """One row drawn with many seeds (rows that search thresholds cost the interpreter more)."""
+    gen = torch.Generator().manual_seed(len(kind))
+    vocab = 1000
+    logits = make_logits(1, vocab, gen).expand(seeds, vocab).contiguous()
+    assert_split_matches_one_program(logits, split_params([kind] * seeds, gen), split=2)
+
+
+def test_split_row_ties_at_the_boundary():
+    gen = torch.Generator().manual_seed(53)
+    batch, vocab = 7, 1000
+    logits = torch.randint(-4, 5, (batch, vocab), generator=gen).float()  # many ties
+    params = (
+        torch.full((batch,), 0.7),
+        torch.tensor([1, 5, 17, 100, 0, 0, 20], dtype=torch.int32),
+        torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.8]),
+        torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5, 0.0, 0.0]),
+        torch.arange(batch, dtype=torch.int64) * 977,
+        torch.full((batch,), 3, dtype=torch.int64),
+        torch.zeros(batch, dtype=torch.bool),
+    )
+    # Ties under top-p: the sort order decides the reference's set, so those rows (5, 6) are
+    # compared with the one-program kernel only.
+    assert_split_matches_one_program(logits, params, 2, reference_rows=slice(0, 5))
+
+
+def test_split_row_with_banned_entries_and_empty_chunks():
+    gen = torch.Generator().manual_seed(59)
+    kinds = ["pure", "top_k", "top_p", "min_p", "greedy"]
+    vocab = 2051  # chunks [0, 704), [704, 1408), [1408, 2051)
+    logits = make_logits(len(kinds), vocab, gen)
+    logits[:, ::2] = NEG_INF
+    logits[1, :1500] = NEG_INF  # the first two chunks of the row hold nothing
+    logits[2, :2049] = NEG_INF  # one token left, in the last chunk
+    logits[3, 500:] = NEG_INF  # everything in the first chunk
+    logits[4, :1600] = NEG_INF
+    params = split_params(kinds, gen)
+    assert_split_matches_one_program(logits, params, split=3)
+    tokens, _ = sample_triton(logits, *params, split=3)
+    assert torch.isfinite(logits.gather(1, tokens[:, None])).all()
+    assert tokens[2] == 2049
+
+
 # ---------------------------------------------------------------- CUDA variants
 
 
@@ -426,6 +546,23 @@ def test_cuda_matches_reference(vocab, batch):
     same = tokens == ref_tokens
     torch.testing.assert_close(logprobs[same], ref_logprobs[same], atol=2e-4, rtol=1e-4)
     assert torch.equal(sample(logits, *params)[0], tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_cuda_split_rows_draw_what_one_program_draws(batch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    gen = torch.Generator().manual_seed(61 + batch)
+    vocab = 128256
+    logits = make_logits(batch, vocab, gen).cuda()
+    params = make_params(batch, vocab, gen, device="cuda", off_fraction=0.2)
+    assert programs_per_row(batch, vocab, logits.device) > 1  # the automatic choice splits
+    tokens, logprobs, thresholds = sample_triton(logits, *params, return_threshold=True)
+    one = sample_triton(logits, *params, return_threshold=True, split=1)
+    assert torch.equal(tokens, one[0])
+    assert torch.equal(thresholds, one[2])
+    torch.testing.assert_close(logprobs, one[1], atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
