@@ -111,7 +111,9 @@ def one_run(folder: str, args: argparse.Namespace, stream_interval: int, tmp: Pa
         "stream_interval": stream_interval, "concurrency": args.concurrency, "step_ms": args.step_ms,
         "output_tokens": tokens, "failed": run["failed"], "duration_s": run["duration_s"],
         "output_tok_s": run["output_throughput"],
-        "chunks_per_s_at_most": tokens / stream_interval / run["duration_s"],
+        "chunks_per_s": run["total_chunks"] / run["duration_s"],
+        "tokens_per_chunk": tokens / max(run["total_chunks"], 1),
+        "engine_tok_s": args.concurrency * 1e3 / args.step_ms if args.step_ms else None,
         "itl_median_ms": run["itl"]["median_ms"], "itl_p99_ms": run["itl"]["p99_ms"],
         "ttft_median_ms": run["ttft"]["median_ms"], "wall_s": wall, "cpu_s": used,
     }
@@ -123,7 +125,9 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--stream-interval", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--step-ms", type=float, default=0.0, help="The fake engine's step time (0: none).")
+    parser.add_argument("--step-ms", type=float, default=5.0,
+                        help="The fake engine's step time (default 5: a GPU-class decode step; 0: none, and the "
+                             "front coalesces whatever it cannot keep up with).")
     parser.add_argument("--port", type=int, default=8792)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -134,9 +138,11 @@ def main() -> None:
         run = one_run(folder, args, k, tmp)
         runs.append(run)
         cpu = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in run["cpu_s"].items())
-        print(f"stream_interval {k}: {run['output_tok_s']:.0f} output tok/s, <= {run['chunks_per_s_at_most']:.0f} "
-              f"chunks/s, ITL p50 {run['itl_median_ms']:.1f} ms, p99 {run['itl_p99_ms']:.1f} ms, failed "
-              f"{run['failed']}; wall {run['wall_s']:.1f} s, CPU: {cpu}", flush=True)
+        offered = f" (the engine offers {run['engine_tok_s']:.0f})" if run["engine_tok_s"] else ""
+        print(f"stream_interval {k}: {run['output_tok_s']:.0f} output tok/s{offered}, {run['chunks_per_s']:.0f} "
+              f"chunks/s ({run['tokens_per_chunk']:.1f} tokens each), ITL p50 {run['itl_median_ms']:.1f} ms, "
+              f"p99 {run['itl_p99_ms']:.1f} ms, failed {run['failed']}; wall {run['wall_s']:.1f} s, CPU: {cpu}",
+              flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
 

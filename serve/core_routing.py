@@ -2,8 +2,8 @@
 
 By default the live core with the fewest requests in flight. With prefix affinity, a prompt whose
 leading token blocks this front already sent to a core goes to that core, where its KV blocks are
-likely still cached, unless that core runs more than a full batch (`max_num_seqs`) of requests
-above the least-loaded one; a new prefix goes to the least-loaded core (ties: the core holding
+likely still cached, unless that core runs more requests than the least-loaded one by over a
+full batch (`max_num_seqs`) and by over the least-loaded core's own count (twice its load); a new prefix goes to the least-loaded core (ties: the core holding
 the fewest prefix blocks). The front has the token ids (it tokenizes), so HTTP requests get
 affinity too, whichever API replica they reach; each front keeps its own index.
 """
@@ -31,7 +31,10 @@ class CoreRouter:
         by_id = {c.info["core_id"]: c for c in live}
         self.index.keep_only(by_id)  # a replaced core starts with an empty cache
         load = {core_id: c.num_in_flight for core_id, c in by_id.items()}
-        threshold = min(int(c.info.get("max_num_seqs", 1)) for c in live)
+        # Load wins only past a batch more than the least-loaded core and past twice its load: in a
+        # burst every core queues, and a few requests more is no reason to recompute a prefix.
+        batch = min(int(c.info.get("max_num_seqs", 1)) for c in live)
+        threshold = max(batch, min(load.values()))
         key = tuple(token_ids)
         (rank,) = rank_by_prefix(self.index.match(key, by_id), load, min_match_blocks=1,
                                  imbalance_threshold=threshold)

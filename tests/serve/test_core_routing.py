@@ -56,6 +56,17 @@ def test_a_known_prefix_follows_its_core_until_that_core_is_a_batch_busier():
     assert router.pick(cores, PREFIX_A + [7]) is second
 
 
+def test_in_a_burst_affinity_holds_until_twice_the_least_load():
+    cores = [FakeCore("a"), FakeCore("b")]
+    router = CoreRouter(prefix_affinity=True, block_tokens=4)
+    first = router.pick(cores, PREFIX_A)
+    second = cores[1] if first is cores[0] else cores[0]
+    second.num_in_flight, first.num_in_flight = 20, 30  # 10 more (over a batch), under twice the other's load
+    assert router.pick(cores, PREFIX_A + [7]) is first
+    first.num_in_flight = 41  # past twice the least-loaded core's load
+    assert router.pick(cores, PREFIX_A + [7]) is second
+
+
 def test_a_replaced_core_starts_without_prefixes():
     cores = [FakeCore("a"), FakeCore("b")]
     router = CoreRouter(prefix_affinity=True, block_tokens=4)

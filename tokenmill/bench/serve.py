@@ -68,6 +68,7 @@ def compute_metrics(results: list[RequestResult], duration_s: float) -> dict[str
         "duration_s": duration_s,
         "total_input_tokens": sum(prompt_counts) if prompt_counts else None,
         "total_output_tokens": num_output,
+        "total_chunks": sum(len(r.itl) + 1 for r in done),  # streamed chunks with content
         "request_throughput": len(done) / duration_s if duration_s > 0 else 0.0,
         "output_throughput": num_output / duration_s if duration_s > 0 else 0.0,
         "ttft": _summary([r.ttft for r in done]),
