@@ -352,6 +352,8 @@ def test_step_profile_reports_host_overhead(tmp_path, capsys):
     assert profile["forward_cpu_ms"] > 0 and profile["host_cpu_ms"] >= 0
     assert profile["gpu_kernel_ms"] is None and profile["gpu_note"] == "not a CUDA device"
     assert profile["pipelined_step_ms"] > 0 and profile["async_scheduling"] is False
+    single = workload["step_profile_single_stream"]
+    assert single["batch_size"] == 1 and single["num_steps"] == 5 and single["step_ms"] > 0
     printed = capsys.readouterr().out
     assert "decode step      median" in printed and "host outside the forward" in printed
     assert "(synchronous steps, no sync between steps)" in printed

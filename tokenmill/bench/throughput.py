@@ -215,8 +215,9 @@ def tokenmill_model(args: argparse.Namespace, loaded: Any) -> Any:
     return dataclasses.replace(loaded, model=quantize_model(copy.deepcopy(loaded.model), args.quantization))
 
 
-def run_step_profile(args: argparse.Namespace, loaded: Any, requests: list[BenchRequest]) -> Any:
-    """tokenmill's per-step host overhead with min(num_requests, max_num_seqs) requests decoding at once."""
+def run_step_profile(args: argparse.Namespace, loaded: Any, requests: list[BenchRequest]) -> tuple[Any, Any]:
+    """tokenmill's per-step host overhead with min(num_requests, max_num_seqs) requests decoding at
+    once, then with one (single-stream latency; None when the workload has one request only)."""
     from tokenmill.bench.step_profile import profile_kv_blocks, profile_steps
     from tokenmill.engine.llm_engine import LLMEngine
 
@@ -228,7 +229,9 @@ def run_step_profile(args: argparse.Namespace, loaded: Any, requests: list[Bench
         **engine_mode_kwargs(args),
     )
     try:
-        return profile_steps(engine, prompts, args.profile_steps)
+        batched = profile_steps(engine, prompts, args.profile_steps)
+        single = profile_steps(engine, prompts[:1], args.profile_steps, gpu_kernels=False) if len(prompts) > 1 else None
+        return batched, single
     finally:
         from tokenmill.bench.backends import free_memory
 
@@ -359,7 +362,7 @@ def _run_throughput(args: argparse.Namespace) -> int:
         exit_code |= int(any(r.backend == "tokenmill" and r.skipped is not None for r in results))
         if spec.num_beams == 1 and "tokenmill" in selected_backends(args) and not args.no_step_profile:
             try:
-                profile = run_step_profile(args, loaded, requests)
+                profile, single = run_step_profile(args, loaded, requests)
             except Exception as error:
                 logger.exception("step profile failed")
                 entry["step_profile"] = {"error": f"{type(error).__name__}: {error}"}
@@ -368,6 +371,9 @@ def _run_throughput(args: argparse.Namespace) -> int:
             else:
                 entry["step_profile"] = profile.as_dict()
                 print(profile.format(), flush=True)
+                if single is not None:
+                    entry["step_profile_single_stream"] = single.as_dict()
+                    print(single.format(), flush=True)
             save()
     if args.json:
         save()
