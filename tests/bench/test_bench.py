@@ -401,3 +401,18 @@ def test_step_profile_leaves_the_engine_as_it_found_it():
     with pytest.raises(RuntimeError, match="did not call engine.runner.run"):
         profile_steps(StepWithoutRunner(engine), prompts, num_steps=2)
     assert not engine.has_unfinished_requests()  # its requests were aborted
+
+
+@pytest.mark.parametrize("replicas, serve_args", [(1, ""), (2, "--max-num-seqs 8"), (2, "--tensor-parallel-size 2")])
+def test_replica_scaling_gives_ray_cpus_for_every_core_and_the_api_replica(replicas, serve_args):
+    import argparse
+
+    from tokenmill.bench.replica_scaling import server_command
+    from tokenmill.serve.deployment import ServeConfig
+
+    command = server_command(replicas, argparse.Namespace(serve_args=serve_args, serve_port=8765))
+    ray_cpus = int(command[command.index("--ray-num-cpus") + 1])
+    config = ServeConfig()
+    ranks = 2 if "--tensor-parallel-size 2" in serve_args else 0
+    needed = replicas * config.num_cpus_per_replica * (1 + ranks) + config.api_replicas * config.num_cpus_per_api_replica
+    assert ray_cpus >= needed

@@ -83,8 +83,8 @@ def server_command(num_replicas: int, args: argparse.Namespace) -> list[str]:
                "--port", str(args.serve_port)]
     if "--ray-num-cpus" not in extra and "--address" not in extra:
         tp = int(extra[extra.index("--tensor-parallel-size") + 1]) if "--tensor-parallel-size" in extra else 1
-        ranks = tp if tp > 1 else 0  # one Ray CPU per replica, plus one per rank when sharded
-        command += ["--ray-num-cpus", str(num_replicas * (1 + ranks))]
+        ranks = tp if tp > 1 else 0  # one Ray CPU per engine core, plus one per rank when sharded,
+        command += ["--ray-num-cpus", str(num_replicas * (1 + ranks) + 1)]  # plus one for the API replica
     return command + extra
 
 
