@@ -58,22 +58,26 @@ def offline(threads: int, num_prompts: int, output_len: int) -> dict:
             "output_tok_per_cpu_s": tokens / cpu}
 
 
-def session_cpu_s(sid: int) -> float:
-    total = 0.0
+def session_cpu_s(sid: int) -> dict[str, float]:
+    """CPU seconds of every process in the server's session, by process name (Ray names its workers
+    after their actors: ray::ServeReplica:..., ray::ProxyActor, ...)."""
+    by_name: dict[str, float] = {}
     for p in psutil.process_iter():
         try:
             if os.getsid(p.pid) == sid:
                 t = p.cpu_times()
-                total += t.user + t.system
+                name = p.name()
+                by_name[name] = by_name.get(name, 0.0) + t.user + t.system
         except (ProcessLookupError, PermissionError, psutil.Error):
             continue
-    return total
+    return by_name
 
 
-def bench_serve(url: str, out: Path, big_prompt_after_s: float | None, load: list[str]) -> dict:
+def bench_serve(url: str, out: Path, big_prompt_after_s: float | None, load: list[str], seed: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Each leg its own prompts (`seed`): the same prompts again would hit the prefix cache.
     command = [sys.executable, "-m", "tokenmill.serve.cli", "bench", "serve", "--base-url", url,
-               "--max-concurrency", "64", *load, "--json", str(out)]
+               "--max-concurrency", "64", *load, "--seed", str(seed), "--json", str(out)]
     big: dict = {}
 
     def post_big() -> None:
@@ -117,10 +121,15 @@ def served(threads: int, port: int, tmp: Path, load: list[str], big_after_s: flo
                 pass
             time.sleep(1)
         results = {}
-        for name, big_after in (("plain", None), ("with_5mb_prompt", big_after_s), ("plain_again", None)):
+        for seed, (name, big_after) in enumerate((("plain", None), ("with_5mb_prompt", big_after_s),
+                                                  ("plain_again", None)), start=1):
             cpu = session_cpu_s(server.pid)
-            results[name] = bench_serve(url, tmp / f"{name}.json", big_after, load)
-            results[name]["server_cpu_s"] = session_cpu_s(server.pid) - cpu
+            results[name] = bench_serve(url, tmp / f"{name}.json", big_after, load, seed)
+            after = session_cpu_s(server.pid)
+            used = {k: v - cpu.get(k, 0.0) for k, v in after.items()}
+            results[name]["server_cpu_by_process"] = {k: round(v, 2) for k, v in sorted(used.items(), key=lambda kv: -kv[1])
+                                                      if v >= 0.05}
+            results[name]["server_cpu_s"] = sum(used.values())
             results[name]["output_tok_per_cpu_s"] = results[name]["output_tokens"] / results[name]["server_cpu_s"]
         return results
     finally:
@@ -145,7 +154,7 @@ def main() -> None:
         print(f"served {name}:", run, flush=True)
     plain, again = report["served"]["plain"], report["served"]["plain_again"]
     offline_run = report["offline"]
-    # "cold": the first load after start (first steps, Serve's start-up work); "warm": the same load again.
+    # "cold": the first load after start; "warm": a later one (each leg has its own prompts).
     for name, run in (("cold", plain), ("warm", again)):
         report[f"served_over_offline_{name}"] = run["output_tok_s"] / offline_run["output_tok_s"]
         report[f"served_over_offline_per_cpu_s_{name}"] = run["output_tok_per_cpu_s"] / offline_run["output_tok_per_cpu_s"]
