@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import psutil
+
+from tokenmill.bench.serve import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,13 +77,7 @@ def one_run(folder: str, args: argparse.Namespace, stream_interval: int, tmp: Pa
     api.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(url, 120, lambda: None if api.is_alive() else f"the API process exited ({api.exitcode})")
         out = tmp / f"load-{stream_interval}.json"
         command = [sys.executable, "-m", "tokenmill.serve.cli", "bench", "serve", "--base-url", url,
                    "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.concurrency),

@@ -29,6 +29,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from tokenmill.bench.serve import wait_healthy
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -110,16 +112,7 @@ def served(threads: int, port: int, tmp: Path, load: list[str], big_after_s: flo
                               start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise RuntimeError((tmp / "serve.log").read_text()[-2000:])
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_healthy(url, 900, lambda: None if server.poll() is None else (tmp / "serve.log").read_text()[-2000:])
         results = {}
         for seed, (name, big_after) in enumerate((("plain", None), ("with_5mb_prompt", big_after_s),
                                                   ("plain_again", None)), start=1):

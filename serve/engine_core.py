@@ -28,7 +28,6 @@ from tokenmill.serve.engine_core_messages import decode_params, pack, pack_promp
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 200  # how often an idle loop looks at its stop flag
-PROMPT_LOGPROBS_SENT = -1  # key in a request's sent-token counts: its prompt scores went out
 
 
 @dataclass
@@ -58,6 +57,7 @@ class EngineCore:
         self._clients: set[bytes] = set()
         self._owner: dict[str, bytes] = {}  # request id -> client identity
         self._num_sent: dict[str, dict[int, int]] = {}  # request id -> sequence index -> tokens sent
+        self._scores_sent: set[str] = set()  # requests whose prompt log-probs went out (sent once)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"tokenmill-engine-core-{core_id}", daemon=True)
 
@@ -158,6 +158,7 @@ class EngineCore:
         mine = [rid for rid in request_ids if self._owner.pop(rid, None) is not None]
         for rid in mine:
             del self._num_sent[rid]
+            self._scores_sent.discard(rid)
         if mine:
             self.engine.abort_request(mine)
 
@@ -171,16 +172,16 @@ class EngineCore:
             client = self._owner.get(rid)
             if client is None:
                 continue  # aborted meanwhile
-            num_sent = self._num_sent[rid]
-            sequences = take_new_tokens(output, num_sent)
+            sequences = take_new_tokens(output, self._num_sent[rid])
             prompt_logprobs = None
-            if output.prompt_logprobs is not None and PROMPT_LOGPROBS_SENT not in num_sent:
+            if output.prompt_logprobs is not None and rid not in self._scores_sent:
                 prompt_logprobs = pack_prompt_logprobs(output.prompt_logprobs)  # once, when the prompt is scored
-                num_sent[PROMPT_LOGPROBS_SENT] = 1
+                self._scores_sent.add(rid)
             replies[client].outputs.append([rid, output.finished, output.error, output.num_cached_tokens, sequences,
                                             prompt_logprobs])
             if output.finished:
                 del self._owner[rid], self._num_sent[rid]
+                self._scores_sent.discard(rid)
 
     def _send(self, replies: dict[bytes, _Reply]) -> bool:
         """Send every client its reply and the stats; True if a client was found gone (and dropped)."""

@@ -22,7 +22,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from tokenmill.bench.workload import (
     BenchRequest,
@@ -77,6 +77,24 @@ def compute_metrics(results: list[RequestResult], duration_s: float) -> dict[str
         "e2el": _summary([r.e2e for r in done]),
     }
 
+
+
+def wait_healthy(base_url: str, timeout_s: float, exited: Callable[[], str | None] = lambda: None) -> None:
+    """Until `base_url`/health answers 200; `exited()` returns why the server is gone (then this raises)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reason = exited()
+        if reason is not None:
+            raise RuntimeError(f"the server at {base_url} stopped before it was ready: {reason}")
+        try:
+            if httpx.get(base_url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the server at {base_url} was not ready within {timeout_s:.0f} s")
 
 async def send_completion(session: Any, url: str, payload: dict[str, Any], headers: dict[str, str]) -> RequestResult:
     """One streamed completion; never raises (failures are results with ok=False)."""
