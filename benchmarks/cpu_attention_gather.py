@@ -7,11 +7,11 @@ contexts 128-1024, random block tables; best of two runs, process CPU time and w
 """
 import torch, time
 torch.set_num_threads(1)
-from tokenmill.kernels import attention as A
-def old_gather(cache, tables, num_blocks):
-    S, bs, H, D = tables.shape[0], cache.shape[1], cache.shape[2], cache.shape[3]
-    return cache[tables[:, :num_blocks]].view(S, num_blocks * bs, H, D).transpose(1, 2)
-new_gather = A._gather_blocks
+from tokenmill.kernels import attention_reference as A
+def old_gather(cache, block_ids, num_seqs):
+    S, H, D = num_seqs, cache.shape[2], cache.shape[3]
+    return cache[block_ids.view(S, -1)].view(S, -1, H, D).transpose(1, 2)
+new_gather = A._gather
 def bench(f, n=4):
     f(); c = time.process_time(); w = time.perf_counter()
     for _ in range(n): f()
@@ -27,10 +27,10 @@ for S in (32, 64):
         r = {}
         for rep in range(2):
             for name, g in (("cache[tables]", old_gather), ("index_select", new_gather)):
-                A._gather_blocks = g
+                A._gather = g
                 r.setdefault(name, []).append(bench(run))
-        a = A.paged_attention_reference(q, kc, vc, perm, lens, qsl, 0.125, 1, L); A._gather_blocks = old_gather
-        b = A.paged_attention_reference(q, kc, vc, perm, lens, qsl, 0.125, 1, L); A._gather_blocks = new_gather
+        a = A.paged_attention_reference(q, kc, vc, perm, lens, qsl, 0.125, 1, L); A._gather = old_gather
+        b = A.paged_attention_reference(q, kc, vc, perm, lens, qsl, 0.125, 1, L); A._gather = new_gather
         assert torch.equal(a, b)
         best = {k: min(v) for k, v in r.items()}
         print(f"S={S} L={L} " + " ".join(f"{k}: cpu {c:.1f} ms wall {w:.1f} ms" for k, (c, w) in best.items())

@@ -15,6 +15,7 @@ import torch
 from transformers import AttentionInterface
 
 from tokenmill.engine.attention_op import attention_step
+from tokenmill.kernels.attention import StepPlans
 
 ATTN_IMPLEMENTATION = "tokenmill"
 
@@ -29,6 +30,7 @@ class AttentionContext:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     max_query_len: int
     max_seq_len: int  # <= 0: not known on the host (compiled decode; attention bounds it)
+    plans: StepPlans | None = None  # an eager CPU step's layer-independent attention work, built once
 
 
 def paged_attention_forward(
@@ -55,6 +57,7 @@ def paged_attention_forward(
     out = attention_step(
         q, k, v, ctx.k_caches[layer], ctx.v_caches[layer], ctx.slot_mapping, ctx.block_tables, ctx.seq_lens,
         ctx.query_start_loc, float(scaling), ctx.max_query_len, ctx.max_seq_len, sliding_window or 0,
+        plans=ctx.plans,
     )  # [num_tokens, num_heads, head_dim]
     return out.unsqueeze(0), None  # [1, num_tokens, num_heads, head_dim]
 

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels.attention import paged_attention, write_kv_cache
+from tokenmill.kernels.attention import (
+    StepPlans,
+    paged_attention,
+    paged_attention_reference,
+    write_kv_cache,
+    write_kv_cache_reference,
+)
 
 
 def paged_attention_step(
@@ -28,8 +34,17 @@ def paged_attention_step(
     max_query_len: int,
     max_seq_len: int,  # <= 0: not known on the host (a bound is used)
     sliding_window: int,  # <= 0: none
+    plans: StepPlans | None = None,  # eager CPU steps: what every layer of the step shares
 ) -> torch.Tensor:
     """Write this step's keys/values into the caches, then attend; returns [T, Hq, D]."""
+    if plans is not None and not query.is_cuda:
+        window = sliding_window if sliding_window > 0 else None
+        write_kv_cache_reference(key, value, k_cache, v_cache, slot_mapping, plans.write(slot_mapping))
+        plan = plans.attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1], window, query.dtype)
+        return paged_attention_reference(
+            query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+            max_query_len, max_seq_len, sliding_window=window, plan=plan,
+        )
     write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
     if max_seq_len <= 0:
         # A compiled step does not carry the (changing) longest length as a constant. The CPU
@@ -72,8 +87,9 @@ def _(query, key, value, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
-def attention_step(*args) -> torch.Tensor:
-    """`paged_attention_step` through the custom op when traced by torch.compile, directly otherwise."""
+def attention_step(*args, plans: StepPlans | None = None) -> torch.Tensor:
+    """`paged_attention_step` through the custom op when traced by torch.compile (no plans: a
+    compiled graph serves many steps), directly otherwise."""
     if torch.compiler.is_compiling():
         return paged_attention_step_op(*args)
-    return paged_attention_step(*args)
+    return paged_attention_step(*args, plans=plans)

@@ -12,6 +12,7 @@ import logging
 import torch
 
 from tokenmill.engine.attention_backend import AttentionContext
+from tokenmill.kernels.attention import StepPlans
 from tokenmill.engine.compiled_forward import DecodeGraphs
 from tokenmill.engine.input_buffers import InputBuffers, StepShape
 from tokenmill.engine.scheduler import ScheduledBatch
@@ -135,6 +136,7 @@ class ModelRunner:
             query_start_loc=dev["query_start_loc"][: n + 1],  # [num_seqs + 1]
             max_query_len=shape.max_query_len,
             max_seq_len=shape.max_seq_len,
+            plans=None if self.device.type == "cuda" else StepPlans(),  # fresh each step
         )
 
     @torch.inference_mode()

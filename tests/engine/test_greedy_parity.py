@@ -59,6 +59,24 @@ def test_tiny_model_greedy_matches_hf(arch: str, variant: str) -> None:
     assert not engine.has_unfinished_requests()
 
 
+def test_cpu_attention_plans_built_once_per_step(monkeypatch) -> None:
+    """Every layer of an eager CPU step shares one attention plan (per sliding window): counted
+    while the engine still matches HF."""
+    from tokenmill.kernels import attention_reference
+
+    built, steps = [], []
+    real_plan = attention_reference.plan_reference
+    monkeypatch.setattr(attention_reference, "plan_reference", lambda *a, **k: built.append(1) or real_plan(*a, **k))
+    loaded, ref = tiny_pair("llama")
+    llm = make_llm(loaded)
+    real_run = llm.llm_engine.runner.run
+    monkeypatch.setattr(llm.llm_engine.runner, "run", lambda batch: steps.append(1) or real_run(batch))
+    prompts = random_prompts([5, 17, 40], seed=4)
+    assert run_greedy(llm, prompts) == [hf_greedy(ref, p, MAX_NEW) for p in prompts]
+    assert loaded.model.config.num_hidden_layers == 2 and steps
+    assert len(built) == len(steps)  # not once per layer
+
+
 def test_prefix_cache_is_hit_on_repeat() -> None:
     loaded, ref = tiny_pair("llama")
     llm = make_llm(loaded)

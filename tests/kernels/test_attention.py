@@ -10,11 +10,12 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_batch(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, device="cpu", seed=0):
+def make_batch(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, device="cpu", seed=0, data_seed=None):
     """Random paged caches for sequences ``specs`` = [(q_len, seq_len), ...] on shuffled blocks.
 
     Every slot of the caches starts as garbage; only each sequence's positions are written, so a
-    kernel reading a slot it should not read gives a wrong answer.
+    kernel reading a slot it should not read gives a wrong answer. ``data_seed``: other caches and
+    queries over the same blocks (``seed`` places the blocks), as in another layer of one step.
     """
     gen = torch.Generator().manual_seed(seed)
     blocks_per_seq = [-(-seq_len // block_size) for _, seq_len in specs]
@@ -23,6 +24,8 @@ def make_batch(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, devi
     order = torch.randperm(num_blocks, generator=gen)
     # Padding entries point at arbitrary (garbage-holding) blocks.
     block_tables = torch.randint(0, num_blocks, (len(specs), max_blocks), generator=gen, dtype=torch.int32)
+    if data_seed is not None:
+        gen = torch.Generator().manual_seed(1000 + data_seed)
     k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen) * 5
     v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen) * 5
     keys, values, next_block = [], [], 0
@@ -138,6 +141,33 @@ def test_dispatch_on_cpu_is_reference():
     torch.testing.assert_close(attn.paged_attention(**batch), attn.paged_attention_reference(**batch), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS) + ["far_apart"])
+@pytest.mark.parametrize("window", [None, 4])
+def test_step_plans_shared_by_layers_give_the_same_answer(layout, window):
+    """One StepPlans serves every layer of a step: each layer's answer is the one it gets alone."""
+    specs = [(1, n) for n in (700, 3, 650, 20, 1, 340)] + [(5, 9)] if layout == "far_apart" else LAYOUTS[layout]
+    plans = attn.StepPlans()
+    for layer_seed in range(3):  # layers: other caches and queries, the same sequences
+        batch, dense = make_batch(specs, 4, 2, 32, 16, torch.float32, data_seed=layer_seed)
+        plan = plans.attention(batch["block_tables"], batch["seq_lens"], batch["query_start_loc"], 16, window,
+                               torch.float32)
+        shared = attn.paged_attention_reference(**batch, sliding_window=window, plan=plan)
+        assert torch.equal(shared, attn.paged_attention_reference(**batch, sliding_window=window))
+        check(shared, batch, dense, torch.float32, sliding_window=window)
+    assert len(plans._attention) == 1  # built by the first layer only
+
+
+def test_step_plans_keep_windows_apart():
+    """A model mixing windowed and full layers gets one plan per window, not the first layer's."""
+    batch, dense = make_batch(MIXED, 4, 2, 32, 16, torch.float32)
+    plans = attn.StepPlans()
+    args = (batch["block_tables"], batch["seq_lens"], batch["query_start_loc"], 16)
+    full = attn.paged_attention_reference(**batch, plan=plans.attention(*args, None, torch.float32))
+    windowed = attn.paged_attention_reference(**batch, sliding_window=4, plan=plans.attention(*args, 4, torch.float32))
+    check(full, batch, dense, torch.float32)
+    check(windowed, batch, dense, torch.float32, sliding_window=4)
+
+
 def test_rejects_bad_head_counts():
     batch, _ = make_batch(DECODE, 4, 2, 32, 16, torch.float32)
     batch["query"] = batch["query"][:, :3]
@@ -174,6 +204,19 @@ def check_write(write, device="cpu", dtype=torch.float32):
 
 def test_write_kv_cache_reference_skips_negative_slots():
     check_write(attn.write_kv_cache_reference)
+
+
+def test_write_plan_shared_by_layers():
+    """The write plan (rows kept, their slots) made once serves the keys and values of every layer."""
+    plans = attn.StepPlans()
+    slots = write_case(seed=0)[-1]
+    for seed in range(2):
+        key, value, k_cache, v_cache, _ = write_case(seed=seed)
+        expected_k, expected_v = k_cache.clone(), v_cache.clone()
+        attn.write_kv_cache_reference(key, value, expected_k, expected_v, slots)
+        attn.write_kv_cache_reference(key, value, k_cache, v_cache, slots, plans.write(slots))
+        assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    check_write(lambda *args: attn.write_kv_cache_reference(*args, attn.plan_write(args[-1])))
 
 
 def test_write_then_attend_prefill_then_decode():
