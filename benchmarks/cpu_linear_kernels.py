@@ -6,6 +6,12 @@ float32 F.linear; weight-only int8 (aten._weight_int8pack_mm); weight-only int4 
 (aten._weight_int4pack_mm_for_cpu); fbgemm dynamic int8 (quantized::linear_dynamic); fbgemm fp16
 weights (quantized::linear_dynamic_fp16). Microseconds of process CPU time per call. The same weight
 is reused, so small matrices sit in cache: the whole-model decode step is the deciding measure.
+
+`--whole-model`: instead, every linear layer of the model at once (30 layers x 7 and the output
+head, each its own weight, so they stream from memory as in a decode step) for float32, fbgemm
+int8 and fbgemm fp16, beside the machine's memory read bandwidth: the floor these kernels put under
+one decode step, and so the ceiling on single-stream tokens per second before attention, norms and
+the rest of the step.
 """
 
 import argparse
@@ -15,6 +21,9 @@ import warnings
 import torch
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (49152, 576)]  # (out, in): q/o, gate/up, down, head
+# One decoder layer's projections (q, k, v, o, gate, up, down) of SmolLM2-135M, 30 layers, the tied head.
+LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+MODEL_SHAPES = LAYER_SHAPES * 30 + [(49152, 576)]
 
 
 def cpu_us(fn, n: int = 20) -> float:
@@ -26,14 +35,59 @@ def cpu_us(fn, n: int = 20) -> float:
     return (time.process_time() - start) / n * 1e6
 
 
+def read_bandwidth_gbs(num_bytes: int = 512 << 20) -> float:
+    """Memory read bandwidth: best of five sums over a float32 buffer far larger than the caches."""
+    buffer = torch.ones(num_bytes // 4)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return num_bytes / best / 1e9
+
+
+def whole_model(batches: list[int]) -> None:
+    weights = [torch.randn(n, k) * 0.02 for n, k in MODEL_SHAPES]
+    num_bytes = sum(w.numel() for w in weights) * 4
+    gbs = read_bandwidth_gbs()
+    print(f"memory read bandwidth {gbs:.1f} GB/s; float32 weights {num_bytes / 1e6:.0f} MB: "
+          f"{num_bytes / gbs / 1e6:.1f} ms to read once")
+    kernels = {
+        "float32": (weights, lambda x, w: torch.nn.functional.linear(x, w)),
+        "fbgemm int8": ([torch.ops.quantized.linear_prepack(torch.quantize_per_channel(
+            w, (w.abs().amax(1) / 127).double(), torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8), None)
+            for w in weights], lambda x, p: torch.ops.quantized.linear_dynamic(x, p, True)),
+        "fbgemm fp16": ([torch.ops.quantized.linear_prepack_fp16(w, None) for w in weights],
+                        lambda x, p: torch.ops.quantized.linear_dynamic_fp16(x, p)),
+    }
+    print("| batch | kernel | all linear layers: wall ms / CPU ms per step | ceiling tok/s per sequence (wall) |")
+    print("|---|---|---|---|")
+    for m in batches:
+        inputs = {k: torch.randn(m, k) for k in {k for _, k in MODEL_SHAPES}}
+        for name, (packed, call) in kernels.items():
+            def step():
+                for (_, k), weight in zip(MODEL_SHAPES, packed):
+                    call(inputs[k], weight)
+            step()
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(5):
+                step()
+            wall, cpu = (time.perf_counter() - wall) / 5 * 1e3, (time.process_time() - cpu) / 5 * 1e3
+            print(f"| {m} | {name} | {wall:.1f} / {cpu:.1f} | {1e3 / wall:.1f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--whole-model", action="store_true", help="every linear layer of the model per step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     torch.backends.quantized.engine = "fbgemm"
+    if args.whole_model:
+        whole_model(args.batch)
+        return
     print(f"capability {torch.backends.cpu.get_cpu_capability()}, threads {args.threads}; CPU us per call")
     for n, k in SHAPES:
         w = torch.randn(n, k)
