@@ -116,3 +116,19 @@ def test_default_parts_fit_the_time_and_cover_the_gpu_tests(tmp_path):
     tokenmill = next(p for p in parts if p.name == "throughput-tokenmill")
     assert "--random-model 1b --dtype bfloat16 --num-requests 256 --max-num-seqs 256 --hf-batch-size 64" in " ".join(tokenmill.argv)
     assert "tests/engine/test_greedy_parity.py" in GPU_TESTS and "tests/kernels" in GPU_TESTS
+
+
+def test_every_gpu_marked_test_file_is_run_by_gpu_check():
+    """A test file with `gpu` cases that no part runs would never run at all (nothing else has CUDA)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    marked = {
+        str(path.relative_to(root)) for path in (root / "tests").rglob("test_*.py")
+        if "pytest.mark.gpu" in path.read_text() and path.name != "test_gpu_check.py"
+    }
+    assert marked, "no gpu-marked test files found: the check itself is broken"
+    covered = {m for m in marked if any(m == t or m.startswith(t.rstrip("/") + "/") for t in GPU_TESTS)}
+    ignored = {a.split("=", 1)[1] for args in GPU_TEST_PARTS.values() for a in args if a.startswith("--ignore=")}
+    assert marked - covered == set()
+    assert ignored <= set(GPU_TESTS)  # a file one part ignores is another part's own

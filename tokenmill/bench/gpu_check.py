@@ -29,7 +29,8 @@ GPU_TEST_PARTS = {
     "gpu-tests-parity": ("tests/engine/test_greedy_parity.py",),
     "gpu-tests-sampling": ("tests/kernels/test_sampling.py",),
     "gpu-tests-kernels": ("tests/kernels", "--ignore=tests/kernels/test_sampling.py"),
-    "gpu-tests-engine": ("tests/engine/test_logits_processors.py", "tests/engine/test_beam_search.py"),
+    "gpu-tests-engine": ("tests/engine/test_cuda_graphs.py", "tests/engine/test_logits_processors.py",
+                         "tests/engine/test_beam_search.py"),
 }
 GPU_TESTS = tuple(a for args in GPU_TEST_PARTS.values() for a in args if not a.startswith("-"))
 TOTAL_BUDGET_S = 450  # under 8 minutes with start-up and the report
