@@ -265,6 +265,11 @@ def main() -> None:
 
     impls = (["triton"] if on_gpu else []) + ["torch"] + ([] if args.no_hf else ["hf"])
     results = []
+
+    def save() -> None:  # after every row: a run stopped at its time limit keeps what it measured
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"device": str(device), "results": results}, handle, indent=2)
     header = f"{'op':<13} {'batch':>5} {'vocab':>7} " + " ".join(f"{name + ' ms':>10}" for name in impls)
     if on_gpu:
         header += f" {'torch/tri':>10}" + ("" if args.no_hf else f" {'hf/tri':>8}")
@@ -307,13 +312,14 @@ def main() -> None:
                 print(line, flush=True)
                 results.append({"op": op, "batch": batch, "vocab": vocab,
                                 **{f"{name}_ms": value for name, value in times.items()}, **extra})
+                save()
     if "top_p_sort" in args.ops:
         results += top_p_sort_rows(batches, vocabs, iters)
+        save()
     if "attention" in args.ops:
         results += attention_rows([b for b in batches if b <= 64] or batches[:1], context, device, warmup, iters)
+    save()
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"device": str(device), "results": results}, handle, indent=2)
         print(f"\nwrote {args.json}")
 
 

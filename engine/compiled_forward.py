@@ -64,6 +64,11 @@ class DecodeGraphs:
         )
         dev = buffers.dev
         block_size = k_caches[0].shape[1] if k_caches else 1
+        # The number of cache blocks differs between runners of one model (the KV-sizing probe, the
+        # engine, a second engine): dynamic, so they share the compiled graphs instead of each
+        # compiling its own.
+        for cache in (*k_caches, *v_caches):
+            torch._dynamo.maybe_mark_dynamic(cache, 0)
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor, AttentionContext]] = {}
         for b in self.buckets:
             ctx = AttentionContext(

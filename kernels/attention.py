@@ -195,16 +195,25 @@ def paged_attention_triton(
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
     block_m, block_q, block_n = _attention_tiles(group, head_dim, max_query_len)
+    block_d = max(16, triton.next_power_of_2(head_dim))
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _paged_attention_kernel[grid](
         query, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
         scale * LOG2_E, sliding_window or 0, head_dim,
         *query.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
         BLOCK_SIZE=k_cache.shape[1], GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), USE_WINDOW=sliding_window is not None,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        BLOCK_D=block_d, USE_WINDOW=sliding_window is not None,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", **_launch_options(block_d, query.element_size()),
     )
     return out
+
+
+def _launch_options(block_d: int, element_size: int) -> dict[str, int]:
+    """Wide float32 rows (head_dim 256): the query, key and value tiles of the default three-stage
+    pipeline would outgrow shared memory, so no multi-buffering, and more warps for the registers."""
+    if block_d * element_size >= 1024:
+        return {"num_stages": 1, "num_warps": 8}
+    return {}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def _penalties_kernel(
         state = tl.load(state_row + ids, mask=ok, other=0)
         count = state & ((1 << 29) - 1)
         seen = ((state & (1 << 30)) != 0) | (count > 0)
-        x = tl.where(seen, tl.where(x < 0, x * repetition, x / repetition), x)
+        x = tl.where(seen, tl.where(x < 0, x * repetition, tl.math.div_rn(x, repetition)), x)  # IEEE division, as torch's
         x = tl.where(count > 0, x - (frequency * count.to(tl.float32) + presence), x)
         x = tl.where((state & (1 << 29)) != 0, float("-inf"), x)
         x = x + tl.load(bias_row + ids, mask=ok, other=0.0)

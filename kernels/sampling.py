@@ -64,7 +64,7 @@ _DEFAULT_SM_COUNT = 16  # without a CUDA device to ask (the interpreter): a few 
 @triton.jit
 def _scaled(row_ptr, offs, V, temp):
     x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
-    s = x.to(tl.float32) / temp
+    s = tl.math.div_rn(x.to(tl.float32), temp)  # IEEE division, as torch's; a plain `/` is approximate on CUDA
     return tl.where(s == 0.0, 0.0, s)  # -0.0 -> +0.0: one key per float value
 
 
@@ -310,7 +310,7 @@ def _sample_kernel(
     )
     read += read_total + read_pick
     token = tl.where(greedy, argmax, tl.where(token == V, 0, token))
-    s_token = tl.load(row_ptr + token).to(tl.float32) / temp
+    s_token = tl.math.div_rn(tl.load(row_ptr + token).to(tl.float32), temp)
     logprob = (s_token - row_max) - tl.log(tl.where(greedy, norm, kept_norm))
     tl.store(out_token_ptr + row, token.to(tl.int64))
     tl.store(out_logprob_ptr + row, logprob)
@@ -571,7 +571,7 @@ def _split_pick_kernel(
     stop = tl.where(part == owner, end, begin)
     token, read = _pick(row_ptr, begin, stop, end, V, temp, threshold, safe_row_max, running, target, BLOCK)
     token = tl.where(greedy, argmax, tl.where(token == V, 0, token))
-    s_token = tl.load(row_ptr + token).to(tl.float32) / temp
+    s_token = tl.math.div_rn(tl.load(row_ptr + token).to(tl.float32), temp)
     logprob = (s_token - row_max) - tl.log(tl.where(greedy, norm, kept_norm))
     writer = part == tl.where(owner == NUM_CHUNKS, 0, owner)
     tl.store(out_token_ptr + row, token.to(tl.int64), mask=writer)

@@ -108,6 +108,18 @@ def test_padding_rows_never_write_the_cache_nor_change_real_rows(backend: str) -
         torch.testing.assert_close(new, ref)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
+def test_runners_with_other_cache_sizes_share_the_compiled_graph(backend: str) -> None:
+    """The KV-sizing probe, the engine and a second engine of one model hold caches of other sizes:
+    one compiled graph serves them all (a compile of a large model takes minutes)."""
+    loaded, _ = tiny_pair("llama")
+    for num_blocks in (16, 24, 40):
+        runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=8, max_num_seqs=8, max_model_len=64,
+                             enforce_eager=False)
+        assert runner.run(_decode_batch(3)).shape == (3, loaded.model.config.vocab_size)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_enforce_eager_flag_and_device_default() -> None:
     import argparse
 
