@@ -98,11 +98,14 @@ class ModelRunner:
             return 0
         torch.cuda.synchronize()
         before = torch.cuda.memory_reserved(self.device)
-        self.decode_graphs.capture([self.decode_graphs.buckets[-1]])
+        buckets = self.decode_graphs.buckets
+        self.decode_graphs.capture([buckets[-1]])
         used = torch.cuda.memory_reserved(self.device) - before
+        logits_row = self.decode_graphs.graphs[buckets[-1]][1][0].nbytes  # one row of a graph's output
         self.decode_graphs.graphs.clear()
-        # The smaller buckets' graphs mostly reuse the pool; leave them a quarter on top.
-        return int(used * 1.25)
+        # The smaller buckets' graphs mostly reuse the pool (a quarter on top), but each keeps its
+        # own output logits alive: [bucket, vocab] apiece (~1 GB at 256 buckets' worth of a 128k vocab).
+        return int(used * 1.25) + sum(buckets[:-1]) * logits_row
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
