@@ -1,10 +1,15 @@
 """RayTPExecutor: tensor parallelism over Ray actors, with the same `run(batch) -> logits` as ModelRunner.
 
 The scheduler, block manager and outputs stay in the driver (the engine). Each step the executor
-packs the batch into one `StepInputs` message (a few KB, inlined in the task; a large one is put in
-the object store once) and sends it to every rank's `execute`; the ranks run their shards (all-reduces inside the forward)
-and rank 0 returns the logits. A dead worker or a step past `step_timeout_s` marks the executor
-dead: that step and every later one raise `ExecutorDeadError` at once, nothing waits forever.
+packs the batch into one `StepInputs` message and hands it to every rank's `execute`; the ranks run
+their shards (all-reduces inside the forward) and rank 0 returns the logits. On GPU ranks the
+message travels through a Ray compiled graph (shared-memory channels set up once: a round trip of
+~0.5 ms against ~2 ms for a Ray task per rank, measured without a model); on CPU ranks, and where the
+graph cannot be compiled, as one Ray task per rank (a few KB inlined in the task, a large one put in
+the object store once): the graph's channels poll while they wait, which on a CPU host takes the
+cores the ranks compute on (2x the CPU seconds, slower steps on 2 cores; BENCHMARKS.md). A dead worker
+or a step past `step_timeout_s` marks the executor dead: that step and every later one raise
+`ExecutorDeadError` at once, nothing waits forever.
 """
 
 from __future__ import annotations
@@ -48,12 +53,14 @@ class RayTPExecutor:
         self.last_overhead_s = 0.0  # driver-observed step time minus rank 0's forward, latest step
         self.total_overhead_s = 0.0
         self.num_steps = 0
+        self.step_graph = None  # the compiled graph over the ranks' `execute`, once the ranks are ready
         if not ray.is_initialized():
             ray.init(address=parallel.ray_address, include_dashboard=False, log_to_driver=True)
             self.owns_ray = True
         try:
             self._start_workers(device, dtype)
             self.num_blocks = self._load(model_source, device, dtype, cache, max_num_batched_tokens)
+            self.set_step_messages("graph" if device.type == "cuda" else "tasks")
         except BaseException:
             self.shutdown()
             raise
@@ -111,6 +118,31 @@ class RayTPExecutor:
                   self.parallel.startup_timeout_s)
         return num_blocks
 
+    def set_step_messages(self, kind: str) -> str:
+        """How each step reaches the ranks: "graph" (a Ray compiled graph) or "tasks" (a Ray task per
+        rank). Returns the kind in use: "tasks" when a graph cannot be compiled."""
+        if kind not in ("graph", "tasks"):
+            raise ValueError(f"step messages {kind!r} are invalid: allowed 'graph', 'tasks'")
+        if kind == "tasks" and self.step_graph is not None:
+            graph, self.step_graph = self.step_graph, None
+            graph.teardown()
+        if kind == "graph" and self.step_graph is None:
+            self.step_graph = self._compile_step_graph()
+        return "graph" if self.step_graph is not None else "tasks"
+
+    def _compile_step_graph(self) -> Any:
+        """The ranks' `execute` as one Ray compiled graph, or None (a task per rank) where it fails."""
+        try:
+            from ray.dag import InputNode, MultiOutputNode
+
+            with InputNode() as message:
+                graph = MultiOutputNode([w.execute.bind(message) for w in self.workers])
+            return graph.experimental_compile()
+        except Exception as exc:  # noqa: BLE001 - an older Ray or an unsupported setup: tasks still work
+            logger.warning("tensor parallel: no compiled graph (%s: %s); one Ray task per rank per step",
+                           type(exc).__name__, exc)
+            return None
+
     # ------------------------------------------------------------------ the step
     @property
     def is_healthy(self) -> bool:
@@ -124,10 +156,12 @@ class RayTPExecutor:
 
         start = time.perf_counter()
         message = pack_step(batch)
-        if message.nbytes > INLINE_MESSAGE_BYTES:
-            message = ray.put(message)  # once in the object store, read by every rank
-        refs = [w.execute.remote(message) for w in self.workers]
-        results = self._get(refs, self.parallel.step_timeout_s)
+        if self.step_graph is not None:
+            results = self._get(self.step_graph.execute(message), self.parallel.step_timeout_s)
+        else:
+            if message.nbytes > INLINE_MESSAGE_BYTES:
+                message = ray.put(message)  # once in the object store, read by every rank
+            results = self._get([w.execute.remote(message) for w in self.workers], self.parallel.step_timeout_s)
         logits, forward_s = results[0]
         self.last_overhead_s = max(0.0, time.perf_counter() - start - forward_s)
         self.total_overhead_s += self.last_overhead_s
@@ -139,9 +173,10 @@ class RayTPExecutor:
         import ray
 
         try:
-            if isinstance(refs, list):
+            if isinstance(refs, list) and all(isinstance(r, ray.ObjectRef) for r in refs):
                 # Wait for whichever rank answers first, so one dead rank fails the step at once
-                # instead of after the collective timeout of the ranks still waiting for it.
+                # instead of after the collective timeout of the ranks still waiting for it. (A
+                # compiled graph's references: the graph itself watches the ranks.)
                 deadline = time.monotonic() + timeout_s
                 pending = refs
                 while pending:
@@ -150,8 +185,10 @@ class RayTPExecutor:
                         raise ray.exceptions.GetTimeoutError()
                     ray.get(ready)  # raises this rank's error, if any
             return ray.get(refs, timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
+        except (ray.exceptions.GetTimeoutError, TimeoutError):
             self.dead_reason = f"a tensor-parallel worker did not answer within {timeout_s:.0f} s"
+        except ray.exceptions.RayChannelError as exc:  # the compiled graph saw a rank die
+            self.dead_reason = f"a tensor-parallel worker died ({type(exc).__name__})"
         except ray.exceptions.RayActorError as exc:
             self.dead_reason = f"a tensor-parallel worker died ({type(exc).__name__})"
         except ray.exceptions.RayTaskError as exc:
@@ -164,6 +201,12 @@ class RayTPExecutor:
     def _kill_workers(self) -> None:
         import ray
 
+        graph, self.step_graph = self.step_graph, None
+        if graph is not None:
+            try:
+                graph.teardown(kill_actors=True)  # its loops on the ranks end with the ranks
+            except Exception:  # noqa: BLE001 - a rank already gone
+                pass
         for worker in self.workers:
             try:
                 ray.kill(worker, no_restart=True)

@@ -37,6 +37,8 @@ def make_engine(tp: int, **kwargs) -> LLMEngine:
 @pytest.fixture(scope="module")
 def engines():
     single, double = make_engine(1), make_engine(2)
+    assert double.runner.step_graph is None  # CPU ranks: a Ray task per rank by default
+    assert double.runner.set_step_messages("graph") == "graph"  # the GPU default, tested here on the CPU
     yield single, double
     double.shutdown()
 
@@ -65,6 +67,7 @@ def test_tp2_greedy_tokens_equal_tp1(engines):
     assert generate(double, again, params[:2]) == generate(single, again, params[:2])
     assert double.get_stats().prefix_cache_hit_blocks_total > hits
     assert double.runner.num_steps > 0
+    assert double.runner.step_graph is not None  # the steps went through the compiled graph
 
 
 def test_tp2_chunked_prefill_matches_tp1():
@@ -124,8 +127,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_killed_worker_fails_requests_and_engine_turns_unhealthy():
+@pytest.mark.parametrize("step_messages", ["tasks", "graph"])
+def test_killed_worker_fails_requests_and_engine_turns_unhealthy(step_messages):
     engine = make_engine(2)
+    assert engine.runner.set_step_messages(step_messages) == step_messages
     async_engine = None
     try:
         prompts = random_prompts([6, 8], seed=11)
@@ -172,6 +177,22 @@ def test_step_message_round_trips(engines):
         torch.testing.assert_close(logits, single.runner.run(batch))
     finally:
         single.abort_request(["m0", "m1"])
+
+
+def test_step_messages_as_ray_tasks_give_the_same_tokens(engines):
+    """Each step as a Ray task per rank (the CPU default, and where no graph compiles): the same
+    tokens. (Last user of the shared TP engine: its graph is torn down here.)"""
+    with pytest.raises(ValueError, match="allowed 'graph', 'tasks'"):
+        engines[1].runner.set_step_messages("zmq")
+    single, double = engines
+    prompts = random_prompts([9, 4], seed=8)
+    params = [SamplingParams(max_new_tokens=8)] * 2
+    want = generate(single, prompts, params)
+    assert double.runner.set_step_messages("tasks") == "tasks"
+    assert double.runner.step_graph is None
+    steps = double.runner.num_steps
+    assert generate(double, prompts, params) == want
+    assert double.runner.num_steps > steps
 
 
 @pytest.mark.parametrize("arch, size, needle", [

@@ -1,7 +1,9 @@
 """Tensor parallel N vs 1, side by side in one run: output tok/s, ms per step, and what the executor adds.
 
 The added time per step is measured by the executor itself: the driver's wall time of `run(batch)`
-(pack, one message to every rank, wait, logits back) minus rank 0's own forward time.
+(pack, one message to every rank, wait, logits back) minus rank 0's own forward time. Each TP > 1
+runs twice: the step message over a Ray compiled graph (the executor's default on GPU ranks) and as
+one Ray task per rank (its default on CPU ranks); `--step-messages` picks.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python -m tokenmill.bench.tensor_parallel --models tiny default
 """
@@ -33,7 +35,7 @@ def tiny_llama_loaded() -> Any:
                        model_path="", max_model_len=1024)
 
 
-def run_one(model_name: str, tp: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(model_name: str, tp: int, args: argparse.Namespace, step_messages: str = "graph") -> dict[str, Any]:
     import psutil
     import torch
 
@@ -44,6 +46,8 @@ def run_one(model_name: str, tp: int, args: argparse.Namespace) -> dict[str, Any
     llm = LLM(None, loaded=loaded, tensor_parallel_size=tp, max_num_seqs=args.num_requests, seed=0)
     engine = llm.llm_engine
     try:
+        if tp > 1:
+            step_messages = engine.runner.set_step_messages(step_messages)
         g = torch.Generator().manual_seed(0)
         vocab = engine.vocab_size
         prompts = [torch.randint(100, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.num_requests)]
@@ -68,7 +72,8 @@ def run_one(model_name: str, tp: int, args: argparse.Namespace) -> dict[str, Any
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         steps = steps[0]
         return {
-            "model": model_name, "tensor_parallel_size": tp, "output_tokens": tokens, "wall_s": wall, "cpu_s": cpu,
+            "model": model_name, "tensor_parallel_size": tp, "step_messages": step_messages if tp > 1 else "-",
+            "output_tokens": tokens, "wall_s": wall, "cpu_s": cpu,
             "output_tok_s": tokens / wall, "steps": steps,
             "ms_per_step": wall / steps * 1000,
             "added_ms_per_step": (getattr(runner, "total_overhead_s", 0.0) - overhead_before) / steps * 1000,
@@ -84,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-requests", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--step-messages", nargs="+", default=["graph", "tasks"], choices=("graph", "tasks"),
+                        help="how TP > 1 sends each step: the compiled graph, a Ray task per rank, or both")
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args(argv)
 
@@ -94,18 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for model_name in args.models:
             for tp in args.tensor_parallel_sizes:
-                row = run_one(model_name, tp, args)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                for step_messages in (args.step_messages if tp > 1 else ["-"]):
+                    row = run_one(model_name, tp, args, step_messages)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     finally:
         ray.shutdown()
-    print(f"\n{'model':>8} {'TP':>3} {'out tok/s':>10} {'vs TP1':>7} {'ms/step':>8} {'added ms/step':>14} "
-          f"{'wall s':>7} {'CPU s':>7}")
+    print(f"\n{'model':>8} {'TP':>3} {'messages':>8} {'out tok/s':>10} {'vs TP1':>7} {'ms/step':>8} "
+          f"{'added ms/step':>14} {'wall s':>7} {'CPU s':>7}")
     base = {r["model"]: r["output_tok_s"] for r in rows if r["tensor_parallel_size"] == 1}
     for r in rows:
         ratio = r["output_tok_s"] / base[r["model"]] if r["model"] in base else float("nan")
         ms = f"{r['ms_per_step']:.1f}"
-        print(f"{r['model']:>8} {r['tensor_parallel_size']:>3} {r['output_tok_s']:>10.1f} {ratio:>6.2f}x {ms:>8} "
+        print(f"{r['model']:>8} {r['tensor_parallel_size']:>3} {r['step_messages']:>8} {r['output_tok_s']:>10.1f} "
+              f"{ratio:>6.2f}x {ms:>8} "
               f"{r['added_ms_per_step']:>14.2f} {r['wall_s']:>7.1f} {r['cpu_s']:>7.1f}")
     print(f"threads per process: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     if args.json:
