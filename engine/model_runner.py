@@ -12,10 +12,10 @@ import logging
 import torch
 
 from tokenmill.engine.attention_backend import AttentionContext
-from tokenmill.kernels.attention import StepPlans
 from tokenmill.engine.compiled_forward import DecodeGraphs
 from tokenmill.engine.input_buffers import InputBuffers, StepShape
 from tokenmill.engine.scheduler import ScheduledBatch
+from tokenmill.kernels.attention import StepPlans
 
 logger = logging.getLogger(__name__)
 
