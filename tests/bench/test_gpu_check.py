@@ -109,8 +109,9 @@ def test_default_parts_fit_the_time_and_cover_the_gpu_tests(tmp_path):
     assert sum(by_group.values()) <= TOTAL_BUDGET_S <= 8 * 60 - 20
     names = [p.name for p in parts]
     assert set(GPU_TEST_PARTS) <= set(names)
-    assert {"kernel-bench", "throughput-tokenmill", "throughput-tokenmill-overlap", "throughput-hf-generate",
-            "throughput-hf-generate-batch"} <= set(names)
+    assert {"kernel-bench", "throughput-tokenmill", "throughput-tokenmill-overlap", "throughput-hf-generate"} <= set(names)
+    tokenmill = next(p for p in parts if p.name == "throughput-tokenmill")
+    assert tokenmill.timeout_s >= 120  # compile + CUDA graphs of the 1B model, twice, before its numbers
     overlap = next(p for p in parts if p.name == "throughput-tokenmill-overlap")
     assert "--async-scheduling" in overlap.argv
     tokenmill = next(p for p in parts if p.name == "throughput-tokenmill")

@@ -80,19 +80,20 @@ def default_parts(python: str, out: Path, smoke: bool = False) -> list[Part]:
         *(Part(name, (*pytest, *args), 160, group=0) for name, args in GPU_TEST_PARTS.items()),
         Part("kernel-bench", (python, "benchmarks/kernels.py", *kernels, "--json", str(out / "kernels.json")), 50,
              group=1, json_name="kernels.json"),
-        # One process per backend: each has its own time limit and its own crash.
+        # One process per backend: each has its own time limit and its own crash. tokenmill's part
+        # compiles the 1B forward (inductor) and captures its CUDA graphs before it runs, twice
+        # over (the benchmark's engine, the step profile's), so it has the largest share of time;
+        # the overlap part starts with inductor's cache warm. transformers' continuous batching
+        # (`--backends hf-generate-batch`) gave its time up to them: the targets are against generate.
         Part("throughput-tokenmill", (*throughput, "--backends", "tokenmill", "--json",
-                                      str(out / "throughput-tokenmill.json")), 80, group=2,
+                                      str(out / "throughput-tokenmill.json")), 120, group=2,
              json_name="throughput-tokenmill.json"),
         # The same with overlapped steps (async_scheduling), to decide its default by measurement.
         Part(OVERLAP_PART, (*throughput, "--backends", "tokenmill", "--async-scheduling", "--json",
-                            str(out / f"{OVERLAP_PART}.json")), 45, group=2.5, json_name=f"{OVERLAP_PART}.json"),
+                            str(out / f"{OVERLAP_PART}.json")), 60, group=2.5, json_name=f"{OVERLAP_PART}.json"),
         Part("throughput-hf-generate", (*throughput, "--backends", "hf-generate", "--json",
                                         str(out / "throughput-hf-generate.json")), 60, group=3,
              json_name="throughput-hf-generate.json"),
-        Part("throughput-hf-generate-batch", (*throughput, "--backends", "hf-generate-batch", "--json",
-                                              str(out / "throughput-hf-generate-batch.json")), 55, group=4,
-             json_name="throughput-hf-generate-batch.json"),
     ]
 
 
@@ -263,8 +264,7 @@ def format_report(report: dict[str, Any], results: list[PartResult]) -> str:
         for test, reason in tests["failed"].items():
             lines.append(f"  FAILED {test}" + (f" - {reason[:300]}" if reason else ""))
     by_name = {r.name: r for r in results}
-    for name in ("kernel-bench", "throughput-tokenmill", OVERLAP_PART, "throughput-hf-generate",
-                 "throughput-hf-generate-batch"):
+    for name in ("kernel-bench", "throughput-tokenmill", OVERLAP_PART, "throughput-hf-generate"):
         r = by_name.get(name)
         if r is not None:
             lines.append(f"\n--- {name} ({r.status}) ---")
