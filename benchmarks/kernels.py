@@ -268,8 +268,10 @@ def main() -> None:
 
     def save() -> None:  # after every row: a run stopped at its time limit keeps what it measured
         if args.json:
-            with open(args.json, "w") as handle:
+            partial = args.json + ".partial"
+            with open(partial, "w") as handle:
                 json.dump({"device": str(device), "results": results}, handle, indent=2)
+            os.replace(partial, args.json)  # a kill mid-write leaves the previous complete file
     header = f"{'op':<13} {'batch':>5} {'vocab':>7} " + " ".join(f"{name + ' ms':>10}" for name in impls)
     if on_gpu:
         header += f" {'torch/tri':>10}" + ("" if args.no_hf else f" {'hf/tri':>8}")

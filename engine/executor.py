@@ -157,11 +157,12 @@ class RayTPExecutor:
         start = time.perf_counter()
         message = pack_step(batch)
         if self.step_graph is not None:
-            results = self._get(self.step_graph.execute(message), self.parallel.step_timeout_s)
+            graph = self.step_graph
+            results = self._get(lambda: graph.execute(message), self.parallel.step_timeout_s)
         else:
             if message.nbytes > INLINE_MESSAGE_BYTES:
                 message = ray.put(message)  # once in the object store, read by every rank
-            results = self._get([w.execute.remote(message) for w in self.workers], self.parallel.step_timeout_s)
+            results = self._get(lambda: [w.execute.remote(message) for w in self.workers], self.parallel.step_timeout_s)
         logits, forward_s = results[0]
         self.last_overhead_s = max(0.0, time.perf_counter() - start - forward_s)
         self.total_overhead_s += self.last_overhead_s
@@ -169,14 +170,18 @@ class RayTPExecutor:
         return logits
 
     def _get(self, refs: Any, timeout_s: float) -> Any:
-        """ray.get that turns a dead actor or a timeout into ExecutorDeadError (and remembers it)."""
+        """ray.get that turns a dead actor or a timeout into ExecutorDeadError (and remembers it).
+        ``refs`` may be a callable that submits the work: a compiled graph whose rank died between
+        steps fails at submission already."""
         import ray
 
         try:
+            if callable(refs):
+                refs = refs()
             if isinstance(refs, list) and all(isinstance(r, ray.ObjectRef) for r in refs):
                 # Wait for whichever rank answers first, so one dead rank fails the step at once
                 # instead of after the collective timeout of the ranks still waiting for it. (A
-                # compiled graph's references: the graph itself watches the ranks.)
+                # compiled graph's references: Ray's monitor fails them when a rank dies.)
                 deadline = time.monotonic() + timeout_s
                 pending = refs
                 while pending:
@@ -201,18 +206,20 @@ class RayTPExecutor:
     def _kill_workers(self) -> None:
         import ray
 
-        graph, self.step_graph = self.step_graph, None
-        if graph is not None:
-            try:
-                graph.teardown(kill_actors=True)  # its loops on the ranks end with the ranks
-            except Exception:  # noqa: BLE001 - a rank already gone
-                pass
         for worker in self.workers:
             try:
                 ray.kill(worker, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
         self.workers = []
+        # The graph after its ranks: its teardown waits for the ranks' loops, and a survivor stuck
+        # in a collective with a dead rank would hold it until the collective timed out.
+        graph, self.step_graph = self.step_graph, None
+        if graph is not None:
+            try:
+                graph.teardown()
+            except Exception:  # noqa: BLE001 - torn down already (Ray's monitor, on a rank's death)
+                pass
 
     def shutdown(self) -> None:
         """Kill the workers and release their placement group (safe to call twice)."""

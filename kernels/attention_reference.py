@@ -212,7 +212,7 @@ def paged_attention_reference(
     _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sliding_window)
     if plan is None:
         plan = plan_reference(block_tables, seq_lens, query_start_loc, k_cache.shape[1], sliding_window, query.dtype)
-    if len(plan.decode) == 1 and plan.decode[0].rows is None:  # a pure decode step: no scatter
+    if len(plan.decode) == 1 and plan.decode[0].rows is None and query.shape[0] == plan.num_tokens:  # no scatter
         return _attend_decode(query, k_cache, v_cache, plan.decode[0], scale)
     out = torch.zeros_like(query)  # [T, Hq, D]
     for group in plan.decode:
