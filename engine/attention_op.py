@@ -11,13 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels.attention import (
-    StepPlans,
-    paged_attention,
-    paged_attention_reference,
-    write_kv_cache,
-    write_kv_cache_reference,
-)
+from tokenmill.kernels.attention import StepPlans, paged_attention, write_kv_cache
 
 
 def paged_attention_step(
@@ -37,15 +31,7 @@ def paged_attention_step(
     plans: StepPlans | None = None,  # eager CPU steps: what every layer of the step shares
 ) -> torch.Tensor:
     """Write this step's keys/values into the caches, then attend; returns [T, Hq, D]."""
-    if plans is not None and not query.is_cuda:
-        window = sliding_window if sliding_window > 0 else None
-        write_kv_cache_reference(key, value, k_cache, v_cache, slot_mapping, plans.write(slot_mapping))
-        plan = plans.attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1], window, query.dtype)
-        return paged_attention_reference(
-            query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-            max_query_len, max_seq_len, sliding_window=window, plan=plan,
-        )
-    write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+    write_kv_cache(key, value, k_cache, v_cache, slot_mapping, plans)
     if max_seq_len <= 0:
         # A compiled step does not carry the (changing) longest length as a constant. The CPU
         # reads it (no device to wait for); on CUDA the table width bounds it without a sync.
@@ -55,7 +41,7 @@ def paged_attention_step(
             max_seq_len = int(seq_lens.max()) if seq_lens.numel() else 0
     return paged_attention(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-        max_query_len, max_seq_len, sliding_window=sliding_window if sliding_window > 0 else None,
+        max_query_len, max_seq_len, sliding_window=sliding_window if sliding_window > 0 else None, plans=plans,
     )
 
 

@@ -221,10 +221,13 @@ def _launch_options(block_d: int, element_size: int) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------
 
 
-def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
-    """Write new keys/values [T, Hkv, D] into the paged caches at ``slot_mapping`` [T] (< 0: skip)."""
-    write = write_kv_cache_triton if key.is_cuda else write_kv_cache_reference
-    write(key, value, k_cache, v_cache, slot_mapping)
+def write_kv_cache(key, value, k_cache, v_cache, slot_mapping, plans: StepPlans | None = None) -> None:
+    """Write new keys/values [T, Hkv, D] into the paged caches at ``slot_mapping`` [T] (< 0: skip).
+    ``plans``: the step's shared CPU work (the torch path only; the kernels need none)."""
+    if key.is_cuda:
+        write_kv_cache_triton(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        write_kv_cache_reference(key, value, k_cache, v_cache, slot_mapping, plans and plans.write(slot_mapping))
 
 
 def paged_attention(
@@ -238,10 +241,14 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     sliding_window: int | None = None,
+    plans: StepPlans | None = None,
 ) -> torch.Tensor:
-    """Attention of a flat batch of queries [T, Hq, D] over paged caches; returns [T, Hq, D]."""
-    attend = paged_attention_triton if query.is_cuda else paged_attention_reference
-    return attend(
-        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-        max_query_len, max_seq_len, sliding_window,
-    )
+    """Attention of a flat batch of queries [T, Hq, D] over paged caches; returns [T, Hq, D].
+    ``plans``: the step's shared CPU work (the torch path only)."""
+    args = (query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len, max_seq_len,
+            sliding_window)
+    if query.is_cuda:
+        return paged_attention_triton(*args)
+    plan = plans and plans.attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1], sliding_window,
+                                     query.dtype)
+    return paged_attention_reference(*args, plan=plan)

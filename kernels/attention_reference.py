@@ -61,7 +61,6 @@ class WritePlan:
 class DecodeGroup:
     rows: torch.Tensor | None  # [S_g] query rows (one per sequence); None: the whole query, in order
     block_ids: torch.Tensor  # [S_g * num_blocks] the sequences' cache blocks, row by row
-    num_blocks: int
     bias: torch.Tensor  # [S_g, 1, 1, num_blocks * block_size] additive mask (0 / -inf)
 
 
@@ -125,7 +124,6 @@ def _decode_group(group, num_tokens, starts, lens, block_tables, seq_lens, block
     return DecodeGroup(
         rows=None if in_order else torch.tensor([starts[s] for s in group], device=device),
         block_ids=tables[:, :num_blocks].reshape(-1),
-        num_blocks=num_blocks,
         bias=_allowed_bias(query_pos, key_pos, sliding_window, dtype),
     )
 
