@@ -4,7 +4,7 @@ with a CUDA graph per bucket on top on CUDA.
 A pure-decode step of n sequences is padded to the smallest bucket >= n. Its inputs are leading
 slices of InputBuffers' device buffers (never reallocated), so every call of a bucket sees tensors
 of the same shapes at the same addresses: dynamo compiles each bucket once and a CUDA graph can
-replay it (the batch dimension is marked dynamic, so buckets >= 2 share one compiled graph).
+replay it (the batch dimension is marked dynamic, so every bucket shares one compiled graph).
 Padding rows have slot -1 (their keys/values are never written), sequence length 1 and
 block table row 0; their outputs are discarded. Prefill and mixed steps run eager.
 """
@@ -23,8 +23,13 @@ logger = logging.getLogger(__name__)
 
 
 def decode_buckets(max_num_seqs: int) -> list[int]:
-    """Padded batch sizes: 1, 2, 4, 8, then every 8 up to 256, every 16 above; max_num_seqs last."""
-    sizes = [1, 2, 4, 8] + list(range(16, 257, 8)) + list(range(272, max_num_seqs + 1, 16))
+    """Padded batch sizes: 2, 4, 8, then every 8 up to 256, every 16 above; max_num_seqs last.
+
+    No bucket of 1 (unless max_num_seqs is 1): dynamo specializes a dimension of size 1, so a
+    bucket of 1 would compile the whole model a second time (minutes for a large one). A single
+    decode runs padded to 2 rows instead, which costs next to nothing where the step reads every
+    weight once whatever the batch."""
+    sizes = [2, 4, 8] + list(range(16, 257, 8)) + list(range(272, max_num_seqs + 1, 16))
     return sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs})
 
 
@@ -35,9 +40,9 @@ def model_forward(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, 
     return out.logits[0]
 
 
-# The batch dimension of the bucket inputs is marked dynamic: one graph serves every bucket >= 2
-# (dynamo specializes size 1), so the compile cost is paid about twice, not once per bucket, and
-# the CUDA graphs are captured per bucket on top. Should a model's code force a static batch,
+# The batch dimension of the bucket inputs is marked dynamic: one graph serves every bucket, so
+# the compile cost is paid once, not once per bucket, and the CUDA graphs are captured per bucket
+# on top. Should a model's code force a static batch,
 # each bucket compiles once instead.
 _compiled_forward = torch.compile(model_forward, fullgraph=True)
 
