@@ -113,7 +113,8 @@ def sampling_case(op, batch, vocab, device, split=None):
         return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
 
     return {
-        "triton": lambda: sample_triton(logits, *params, split=split),
+        # The filters hint as the engine's sampler passes it (pure sampling skips both selects).
+        "triton": lambda: sample_triton(logits, *params, split=split, filters=(top_k > 0, top_p < 1.0)),
         "torch": (lambda: greedy_argmax(logits)) if greedy else (lambda: sample_reference(logits, *params)),
         "hf": hf,
     }

@@ -132,6 +132,7 @@ class Sampler:
             t([r.seed for r in rows], torch.int64),
             t([r.offset for r in rows], torch.int64),
             torch.zeros(len(rows), dtype=torch.bool, device=device),
+            filters=(any(k > 0 for k in top_k), any(p < 1.0 for p in top_p)),
         )
 
     def _top_logprobs(

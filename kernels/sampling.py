@@ -618,8 +618,9 @@ def programs_per_row(batch: int, vocab: int, device: torch.device, split: int | 
 
 
 def _sample_split(logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy,
-                  tokens, logprobs, thresholds, chunk):
-    """Launch the split passes; returns the elements read per row ([B] int32)."""
+                  tokens, logprobs, thresholds, chunk, filters):
+    """Launch the split passes; returns the elements read per row ([B] int32). `filters` as in
+    `sample_triton`: a select no row needs is not launched (its thresholds stay -inf)."""
     batch, vocab = logits.shape
     device = logits.device
     num_chunks = triton.cdiv(vocab, chunk)
@@ -634,7 +635,7 @@ def _sample_split(logits, temperature, top_k, top_p, min_p, seeds, offsets, gree
     read = torch.empty(per_chunk, dtype=torch.int32, device=device)
     state = torch.empty((2, batch, 5), dtype=torch.int64, device=device)
     hist = torch.empty((2, batch, num_chunks, 1 << RADIX_BITS), dtype=torch.int64, device=device)
-    row_thresholds = torch.empty((2, batch), dtype=torch.float32, device=device)  # t_k, t_p
+    row_thresholds = torch.full((2, batch), float("-inf"), dtype=torch.float32, device=device)  # t_k, t_p
     greedy = greedy.to(torch.int8)
     grid = (batch, num_chunks)
     launch = dict(num_warps=8, enable_fp_fusion=False)  # same float32 rounding as the torch reference
@@ -645,7 +646,9 @@ def _sample_split(logits, temperature, top_k, top_p, min_p, seeds, offsets, gree
         logits, logits.stride(0), temperature, greedy, *stats, read,
         vocab, chunk, num_chunks, BLOCK=block, **launch,
     )
-    for use_mass in (False, True):  # top-k, then top-p above t_k
+    for use_mass, needed in zip((False, True), filters):  # top-k, then top-p above t_k
+        if not needed:
+            continue
         for level in range(_NUM_LEVELS + 1):
             _split_radix_level_kernel[grid if level < _NUM_LEVELS else (batch, 1)](
                 *row_args, *stats, state, hist, row_thresholds, read,
@@ -677,12 +680,16 @@ def sample_triton(
     return_threshold: bool = False,
     return_passes: bool = False,
     split: int | None = None,
+    filters: tuple[bool, bool] = (True, True),
 ):
     """The fused kernel: ids [B] int64 and log-probs [B] float32. With `return_threshold`, also the
     per-row logit threshold ([B] float32, temperature-scaled; kept = logits / T >= threshold); with
     `return_passes`, also the passes over each row the kernel made ([B] float32, elements read / V,
     summed over all programs of the row). `split`: programs per row (None: `split_factor` of the
-    batch, the vocabulary and the GPU's SMs; 1: one program per row); the draws are the same."""
+    batch, the vocabulary and the GPU's SMs; 1: one program per row); the draws are the same.
+    `filters`: (top-k, top-p), False when the caller knows that no row filters by it (top_k 0,
+    top_p 1 everywhere), so that a split launch skips that select's 2 x 9 radix launches (pure
+    sampling: 3 launches instead of 21). True is always correct."""
     check_shapes(logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -696,7 +703,7 @@ def sample_triton(
     if chunk < vocab:
         read = _sample_split(
             logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy,
-            tokens, logprobs, thresholds, chunk,
+            tokens, logprobs, thresholds, chunk, filters,
         )
     elif batch > 0:
         block = min(_MAX_BLOCK, triton.next_power_of_2(vocab))
@@ -730,12 +737,14 @@ def sample(
     seeds: torch.Tensor,
     offsets: torch.Tensor,
     greedy: torch.Tensor,
+    filters: tuple[bool, bool] = (True, True),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Filter and sample one token per row: ids [B] int64 and their log-probs [B] float32 under the
     row's filtered distribution (greedy rows: argmax of the unscaled logits, log_softmax of the
-    unscaled logits). Triton on CUDA, torch otherwise; no host synchronisation on CUDA."""
+    unscaled logits). Triton on CUDA, torch otherwise; no host synchronisation on CUDA.
+    `filters`: whether any row may use top-k / top-p (see `sample_triton`)."""
     if logits.is_cuda:
-        return sample_triton(logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy)
+        return sample_triton(logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy, filters=filters)
     return sample_reference(logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy)
 
 

@@ -35,16 +35,18 @@ def test_mixed_batch_runs_each_kind_once(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     kinds = ["greedy", "pure", "top_k", "greedy", "pure", "greedy"]
     logits = torch.randn(len(kinds), VOCAB, generator=gen) * 3
-    calls = []
+    calls, filters = [], []
 
-    def spy(x, *args):
+    def spy(x, *args, **kwargs):
         calls.append(x.shape[0])
+        filters.append(kwargs["filters"])
         return sample_reference(x, *args)
 
     monkeypatch.setattr(sampler_module, "sample", spy)
     rows = make_rows(kinds)
     out = Sampler()(logits, rows)
     assert calls == [3]  # one call, with the sampled rows only
+    assert filters == [(True, False)]  # a top-k row, no top-p row: the kernel skips the top-p select
     greedy = [i for i, k in enumerate(kinds) if k == "greedy"]
     assert [out.token_ids[i] for i in greedy] == logits[greedy].argmax(-1).tolist()
     expected_lp = torch.log_softmax(logits[greedy], -1).gather(1, logits[greedy].argmax(-1, keepdim=True))
@@ -54,6 +56,12 @@ def test_mixed_batch_runs_each_kind_once(monkeypatch):
     calls.clear()
     Sampler()(logits[greedy], make_rows(["greedy"] * len(greedy)))
     assert calls == []  # a greedy batch never reaches the sampling kernel
+
+    filters.clear()
+    for kinds, want in ((["pure", "pure"], (False, False)), (["top_p", "pure"], (False, True)),
+                        (["top_k_top_p"], (True, True))):
+        Sampler()(logits[: len(kinds)], make_rows(kinds))
+        assert filters[-1] == want
 
 
 def test_sampled_rows_do_not_depend_on_their_neighbours():
@@ -80,7 +88,7 @@ def test_top_k_top_p_rows_draw_what_the_full_sort_draws(monkeypatch):
     logits[0, : VOCAB // 2] = float("-inf")  # banned tokens in one row
     calls = []
 
-    def spy(x, *args):
+    def spy(x, *args, **kwargs):
         calls.append((x, args))
         return sample_reference(x, *args)
 

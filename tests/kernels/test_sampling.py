@@ -608,3 +608,36 @@ def test_cuda_sample_is_graph_capturable():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured[0], expected[0])
+
+
+class _CountingKernel:
+    """Stands in for a Triton kernel: counts its launches and forwards them."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize(
+    "kinds,filters,select_launches",
+    [(["pure", "min_p", "greedy"], (False, False), 0), (["top_k", "pure"], (True, False), 9),
+     (["top_p", "min_p"], (False, True), 9)],
+)
+def test_split_launches_only_the_selects_a_batch_uses(monkeypatch, kinds, filters, select_launches):
+    """The caller's hint that no row filters by top-k / top-p skips that select's radix launches
+    (pure sampling at a small batch: 3 launches, not 21) and changes no draw."""
+    from tokenmill.kernels import sampling
+
+    gen = torch.Generator().manual_seed(61)
+    logits = make_logits(len(kinds), 1000, gen)
+    params = split_params(kinds, gen)
+    want = sample_triton(logits, *params, return_threshold=True, split=2)
+    counting = _CountingKernel(sampling._split_radix_level_kernel)
+    monkeypatch.setattr(sampling, "_split_radix_level_kernel", counting)
+    got = sample_triton(logits, *params, return_threshold=True, split=2, filters=filters)
+    assert counting.launches == select_launches
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
