@@ -17,6 +17,7 @@ from tokenmill.engine.config import CacheConfig, EngineConfig, ModelConfig, Para
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.errors import QueueFullError
 from tokenmill.engine.executor import make_executor
+from tokenmill.engine.host_memory import keep_freed_memory
 from tokenmill.engine.model_loader import LoadedModel, load_model
 from tokenmill.engine.model_runner import ModelRunner, kv_bytes_per_block, resolve_enforce_eager
 from tokenmill.engine.output_processor import request_output
@@ -62,6 +63,8 @@ class LLMEngine:
         self.config = config
         configure_threads(config.model.num_threads)
         device, dtype = resolve_device_dtype(config.model.device, config.model.dtype)
+        if device.type == "cpu":
+            keep_freed_memory()
         check_quantization(config.model.quantization, device if loaded is None else None)
         tensor_parallel = config.parallel.tensor_parallel_size > 1
         if tensor_parallel and config.scheduler.async_scheduling:

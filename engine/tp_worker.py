@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from tokenmill.engine.attention_backend import register_attention
+from tokenmill.engine.host_memory import keep_freed_memory
 from tokenmill.engine.model_runner import ModelRunner, kv_bytes_per_block
 from tokenmill.engine.tp_inputs import StepInputs, unpack_step
 from tokenmill.engine.tp_sharding import shard_model
@@ -47,6 +48,8 @@ class TPWorker:
             return host, sock.getsockname()[1]
 
     def init_distributed(self, address: str, backend: str, timeout_s: float) -> None:
+        if backend == "gloo":  # a CPU rank runs the forward on the host: see engine/host_memory.py
+            keep_freed_memory()
         if backend == "nccl":
             torch.cuda.set_device(0)  # Ray exposes this actor's one GPU as device 0
         dist.init_process_group(backend, init_method=f"tcp://{address}", rank=self.rank,
