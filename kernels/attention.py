@@ -14,17 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.kernels.attention_reference import (  # noqa: F401 - the torch path, re-exported
-    DECODE_SPLIT_DEPTH,
-    ReferencePlan,
+from tokenmill.kernels.attention_reference import (  # the torch path (the twins share signatures and checks)
     StepPlans,
-    WritePlan,
     _check_attention_inputs,
     _check_cache,
-    _length_groups,
     paged_attention_reference,
-    plan_reference,
-    plan_write,
     write_kv_cache_reference,
 )
 

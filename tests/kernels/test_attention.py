@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tokenmill.kernels import attention as attn
+from tokenmill.kernels import attention_reference as ref
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # Triton runs compiled where there is a GPU, through the interpreter (conftest.py) otherwise.
@@ -108,8 +109,8 @@ def test_reference_decode_lengths_far_apart():
     """Decode sequences of very different lengths run in several length groups: same answer."""
     specs = [(1, n) for n in (700, 3, 650, 20, 1, 340, 333, 5)]
     lens = [n for _, n in specs]
-    groups = attn._length_groups(list(range(len(specs))), lens, attn.DECODE_SPLIT_DEPTH)
-    assert 1 < len(groups) <= 2**attn.DECODE_SPLIT_DEPTH
+    groups = ref._length_groups(list(range(len(specs))), lens, ref.DECODE_SPLIT_DEPTH)
+    assert 1 < len(groups) <= 2**ref.DECODE_SPLIT_DEPTH
     assert sorted(s for group in groups for s in group) == list(range(len(specs)))
     batch, dense = make_batch(specs + [(5, 9)], 4, 2, 32, 16, torch.float32)
     check(attn.paged_attention_reference(**batch), batch, dense, torch.float32)
@@ -216,7 +217,7 @@ def test_write_plan_shared_by_layers():
         attn.write_kv_cache_reference(key, value, expected_k, expected_v, slots)
         attn.write_kv_cache_reference(key, value, k_cache, v_cache, slots, plans.write(slots))
         assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
-    check_write(lambda *args: attn.write_kv_cache_reference(*args, attn.plan_write(args[-1])))
+    check_write(lambda *args: attn.write_kv_cache_reference(*args, ref.plan_write(args[-1])))
 
 
 def test_write_then_attend_prefill_then_decode():
