@@ -1,16 +1,20 @@
-"""Served vs offline throughput in one run, and a 5 MB prompt's effect on other streams' ITL.
+"""Served vs offline throughput, leg by leg, and a 5 MB prompt's effect on other streams' ITL.
 
     PYTHONPATH=$PWD python benchmarks/serve_split.py --json benchmarks/results/serve_split.json
 
-1. offline: `LLM.generate` on the workload (64 prompts of 32..128 random words, 64 output tokens each,
-   greedy, ignore_eos), after a one-prompt warm-up;
-2. served: `tokenmill serve` (engine core + API replica on Ray Serve) and `tokenmill bench serve
-   --max-concurrency 64` on the same workload, twice: once plain, once with a 5 MB prompt posted
-   a few seconds into the run (the server accepts bodies up to 8 MB, so the prompt is read, measured
-   from a prefix and rejected for its length: the costly path; past --max-request-bytes it is a 413
-   that costs nothing).
-Wall and CPU seconds are printed beside each throughput (the machine may be shared): CPU seconds of
-this process for offline, of every server process for served.
+Three legs on the workload (64 prompts of 32..128 random words, 64 output tokens each, greedy,
+ignore_eos), each with its own prompts (`--seed 1, 2, 3`, so no leg hits the prefix cache another
+filled):
+1. offline: `LLM.generate` on the leg's prompts in a fresh process (one-prompt warm-up first);
+2. served, right after it: `tokenmill bench serve --max-concurrency 64` on the same prompts against
+   `tokenmill serve` (engine core + API replica on Ray Serve), started once for all legs. The second
+   leg also posts a 5 MB prompt a few seconds in (the server accepts bodies up to 8 MB, so the prompt
+   is read, measured from a prefix and rejected for its length: the costly path; past
+   --max-request-bytes it is a 413 that costs nothing).
+Each served leg is compared with the offline leg just before it: this machine's speed drifts by
+10-15% over minutes, more than the difference being measured. Wall and CPU seconds are printed
+beside each throughput: CPU seconds of the offline process, of every server process when served.
+The offline legs run while the server idles beside them.
 """
 
 from __future__ import annotations
@@ -39,25 +43,35 @@ def workload(args: argparse.Namespace) -> list[str]:
             "--output-len", str(args.output_len), "--ignore-eos", "--temperature", "0"]
 
 
-def offline(threads: int, num_prompts: int, output_len: int) -> dict:
-    import torch
+OFFLINE_LEG = r"""
+import json, sys, time
+import torch
+from tokenmill.bench.workload import LengthRange, random_text_workload
+from tokenmill.engine.llm import LLM
+from tokenmill.engine.sampling_params import SamplingParams
 
-    from tokenmill.bench.workload import LengthRange, random_text_workload
-    from tokenmill.engine.llm import LLM
-    from tokenmill.engine.sampling_params import SamplingParams
+threads, num_prompts, output_len, seed = map(int, sys.argv[1:5])
+torch.set_num_threads(threads)
+requests = random_text_workload(num_prompts, LengthRange(32, 128), LengthRange(output_len, output_len), seed=seed)
+prompts = [r.prompt_text for r in requests]
+llm = LLM(max_num_seqs=64, device="cpu", num_threads=threads)
+params = SamplingParams(max_new_tokens=output_len, do_sample=False, ignore_eos=True)
+llm.generate(["warm up"], params, use_tqdm=False)
+cpu, wall = time.process_time(), time.perf_counter()
+outputs = llm.generate(prompts, params, use_tqdm=False)
+cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+print(json.dumps({"output_tokens": tokens, "wall_s": wall, "cpu_s": cpu, "output_tok_s": tokens / wall,
+                  "output_tok_per_cpu_s": tokens / cpu}))
+"""
 
-    torch.set_num_threads(threads)
-    requests = random_text_workload(num_prompts, LengthRange(32, 128), LengthRange(output_len, output_len), seed=0)
-    prompts = [r.prompt_text for r in requests]
-    llm = LLM(max_num_seqs=64, device="cpu")
-    params = SamplingParams(max_new_tokens=output_len, do_sample=False, ignore_eos=True)
-    llm.generate(prompts[:1], params, use_tqdm=False)
-    cpu, wall = time.process_time(), time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"output_tokens": tokens, "wall_s": wall, "cpu_s": cpu, "output_tok_s": tokens / wall,
-            "output_tok_per_cpu_s": tokens / cpu}
+
+def offline(threads: int, num_prompts: int, output_len: int, seed: int) -> dict:
+    """`LLM.generate` on the prompts of `seed`, in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, "-c", OFFLINE_LEG, str(threads), str(num_prompts), str(output_len), str(seed)],
+                         capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def session_cpu_s(sid: int) -> dict[str, float]:
@@ -103,7 +117,8 @@ def bench_serve(url: str, out: Path, big_prompt_after_s: float | None, load: lis
             "ttft_median_ms": run["ttft"]["median_ms"], "failed": run["failed"], "big_prompt": big or None}
 
 
-def served(threads: int, port: int, tmp: Path, load: list[str], big_after_s: float) -> dict:
+def served(args: argparse.Namespace, tmp: Path, load: list[str]) -> dict:
+    threads, port = args.threads, args.port
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(tmp / "r")}
     command = [sys.executable, "-m", "tokenmill.serve.cli", "serve", "--port", str(port), "--max-num-seqs", "64",
                "--num-cpus-per-replica", str(threads), "--ray-num-cpus", str(threads + 2), "--device", "cpu",
@@ -114,8 +129,10 @@ def served(threads: int, port: int, tmp: Path, load: list[str], big_after_s: flo
     try:
         wait_healthy(url, 900, lambda: None if server.poll() is None else (tmp / "serve.log").read_text()[-2000:])
         results = {}
-        for seed, (name, big_after) in enumerate((("plain", None), ("with_5mb_prompt", big_after_s),
+        for seed, (name, big_after) in enumerate((("plain", None), ("with_5mb_prompt", args.big_prompt_after_s),
                                                   ("plain_again", None)), start=1):
+            offline_run = offline(threads, args.num_prompts, args.output_len, seed)
+            print(f"offline (seed {seed}):", offline_run, flush=True)
             cpu = session_cpu_s(server.pid)
             results[name] = bench_serve(url, tmp / f"{name}.json", big_after, load, seed)
             after = session_cpu_s(server.pid)
@@ -124,6 +141,9 @@ def served(threads: int, port: int, tmp: Path, load: list[str], big_after_s: flo
                                                       if v >= 0.05}
             results[name]["server_cpu_s"] = sum(used.values())
             results[name]["output_tok_per_cpu_s"] = results[name]["output_tokens"] / results[name]["server_cpu_s"]
+            results[name]["offline"] = offline_run
+            results[name]["served_over_offline"] = results[name]["output_tok_s"] / offline_run["output_tok_s"]
+            print(f"served {name} (seed {seed}):", results[name], flush=True)
         return results
     finally:
         server.send_signal(signal.SIGTERM)
@@ -140,22 +160,15 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tmsplit", dir="/tmp"))
-    report = {"args": vars(args), "offline": offline(args.threads, args.num_prompts, args.output_len)}
-    print("offline:", report["offline"], flush=True)
-    report["served"] = served(args.threads, args.port, tmp, workload(args), args.big_prompt_after_s)
-    for name, run in report["served"].items():
-        print(f"served {name}:", run, flush=True)
-    plain, again = report["served"]["plain"], report["served"]["plain_again"]
-    offline_run = report["offline"]
-    # "cold": the first load after start; "warm": a later one (each leg has its own prompts).
-    for name, run in (("cold", plain), ("warm", again)):
-        report[f"served_over_offline_{name}"] = run["output_tok_s"] / offline_run["output_tok_s"]
-        report[f"served_over_offline_per_cpu_s_{name}"] = run["output_tok_per_cpu_s"] / offline_run["output_tok_per_cpu_s"]
-    report["itl_p99_added_ms"] = report["served"]["with_5mb_prompt"]["itl_p99_ms"] - min(
-        plain["itl_p99_ms"], again["itl_p99_ms"])
-    print(f"served / offline output tok/s: warm {report['served_over_offline_warm']:.3f}, "
-          f"cold {report['served_over_offline_cold']:.3f} (per CPU second: warm "
-          f"{report['served_over_offline_per_cpu_s_warm']:.3f}); "
+    report = {"args": vars(args), "served": served(args, tmp, workload(args))}
+    legs = report["served"]
+    ratios = [legs[name]["served_over_offline"] for name in ("plain", "with_5mb_prompt", "plain_again")]
+    report["served_over_offline_by_leg"] = ratios
+    report["served_over_offline_mean"] = sum(ratios) / len(ratios)
+    report["itl_p99_added_ms"] = legs["with_5mb_prompt"]["itl_p99_ms"] - min(
+        legs["plain"]["itl_p99_ms"], legs["plain_again"]["itl_p99_ms"])
+    print(f"served / offline output tok/s by leg: {', '.join(f'{r:.3f}' for r in ratios)} "
+          f"(mean {report['served_over_offline_mean']:.3f}); "
           f"5 MB prompt adds {report['itl_p99_added_ms']:.1f} ms to p99 ITL", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
