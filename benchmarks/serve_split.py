@@ -91,9 +91,11 @@ def session_cpu_s(sid: int) -> dict[str, float]:
 
 def bench_serve(url: str, out: Path, big_prompt_after_s: float | None, load: list[str], seed: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    # Each leg its own prompts (`seed`): the same prompts again would hit the prefix cache.
+    # Each leg its own prompts (`seed`): the same prompts again would hit the prefix cache. No test
+    # request from the load generator (it would decode one prompt alone, 64 steps, inside the CPU
+    # measured for the leg): the caller sends a short one before it starts measuring.
     command = [sys.executable, "-m", "tokenmill.serve.cli", "bench", "serve", "--base-url", url,
-               "--max-concurrency", "64", *load, "--seed", str(seed), "--json", str(out)]
+               "--max-concurrency", "64", *load, "--seed", str(seed), "--no-warmup", "--json", str(out)]
     big: dict = {}
 
     def post_big() -> None:
@@ -133,6 +135,7 @@ def served(args: argparse.Namespace, tmp: Path, load: list[str]) -> dict:
                                                   ("plain_again", None)), start=1):
             offline_run = offline(threads, args.num_prompts, args.output_len, seed)
             print(f"offline (seed {seed}):", offline_run, flush=True)
+            httpx.post(url + "/v1/completions", json={"prompt": "warm up", "max_tokens": 2}, timeout=120).raise_for_status()
             cpu = session_cpu_s(server.pid)
             results[name] = bench_serve(url, tmp / f"{name}.json", big_after, load, seed)
             after = session_cpu_s(server.pid)
