@@ -10,7 +10,12 @@ plain slicing, so every rank keeps ordinary tensors and the model's ordinary for
 - packed_colwise: a fused gate_up Linear; each packed half is split the same way.
 - rowwise: a Linear keeps the matching columns of its weight; its partial outputs are summed over
   the ranks by an all-reduce (a forward hook), and the bias is added on rank 0 only.
-- embeddings, norms and the LM head stay replicated (each rank holds them whole).
+- the LM head, where the model's own plan says `colwise_gather_output` (Llama, Qwen2, Mistral...):
+  each rank keeps 1/N of the vocabulary's rows (the last shard padded with zero rows to an equal
+  size) and computes those logits; an all-gather puts the full rows together on every rank. A tied
+  head gets its own copy of its shard, so the input embedding stays whole.
+- embeddings and norms stay replicated (each rank holds them whole), as does an LM head the plan
+  does not shard.
 
 Attention layers infer their head count from the projection's output (`view(..., -1, head_dim)`),
 so after slicing they see their local heads; the config's head counts are then set to the local
@@ -92,6 +97,7 @@ def shard_model(model: torch.nn.Module, rank: int, world_size: int, group: Any =
         else:
             _keep_columns(module, rank, world_size, group)
         num_split += 1
+    num_split += _shard_lm_head(model, rank, world_size, group)
     cfg = text_config(model.config)
     num_heads = cfg.num_attention_heads
     num_kv_heads = getattr(cfg, "num_key_value_heads", None) or num_heads
@@ -130,6 +136,39 @@ def _keep_columns(linear: torch.nn.Linear, rank: int, world_size: int, group: An
             linear.bias = torch.nn.Parameter(torch.zeros_like(linear.bias.data), requires_grad=False)
     linear.in_features = linear.weight.shape[1]
     linear.register_forward_hook(_all_reduce_hook(group))
+
+
+def _shard_lm_head(model: torch.nn.Module, rank: int, world_size: int, group: Any) -> int:
+    """Split the LM head over the vocabulary (1 when done, 0 when it stays whole)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    style = (getattr(model, "_tp_plan", None) or {}).get("lm_head")
+    if style != "colwise_gather_output" or type(head) is not torch.nn.Linear:  # a quantized head stays whole
+        return 0
+    vocab = head.out_features
+    shard = -(-vocab // world_size)
+    start, stop = min(vocab, rank * shard), min(vocab, (rank + 1) * shard)
+    with torch.no_grad():
+        weight = torch.zeros(shard, head.in_features, dtype=head.weight.dtype, device=head.weight.device)
+        weight[: stop - start] = head.weight[start:stop]  # [vocab / N, hidden]; a copy, untied
+        local = torch.nn.Linear(head.in_features, shard, bias=head.bias is not None,
+                                dtype=head.weight.dtype, device=head.weight.device)
+        local.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if head.bias is not None:
+            bias = torch.zeros(shard, dtype=head.bias.dtype, device=head.bias.device)
+            bias[: stop - start] = head.bias[start:stop]
+            local.bias = torch.nn.Parameter(bias, requires_grad=False)
+    local.register_forward_hook(_gather_vocab_hook(group, world_size, vocab))
+    model.set_output_embeddings(local)
+    return 1
+
+
+def _gather_vocab_hook(group: Any, world_size: int, vocab: int):
+    def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(output) for _ in range(world_size)]
+        dist.all_gather(parts, output.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)[..., :vocab]  # [..., vocab]: the padding rows dropped
+
+    return hook
 
 
 def _all_reduce_hook(group: Any):

@@ -99,6 +99,12 @@ def test_kv_cache_holds_local_heads_and_is_sized_per_rank():
         heads = ray.get(engine.runner.workers[0].__ray_call__.remote(lambda w: w.runner.k_caches[0].shape))
         full_kv_heads = tiny_config("llama").num_key_value_heads
         assert heads[2] == full_kv_heads // 2  # [num_blocks, block_size, local kv heads, head_dim]
+        # The LM head holds half of the vocabulary, untied from the whole input embedding.
+        head, embed = ray.get(engine.runner.workers[1].__ray_call__.remote(
+            lambda w: (tuple(w.model.lm_head.weight.shape), tuple(w.model.get_input_embeddings().weight.shape))))
+        config = tiny_config("llama")
+        assert head == (-(-config.vocab_size // 2), config.hidden_size)
+        assert embed == (config.vocab_size, config.hidden_size)
         # Each rank gets half of the CPU budget and holds half of the heads: same block count as one process.
         assert engine.block_manager.num_blocks == make_engine(1, num_kv_blocks=None,
                                                               kv_cache_memory_bytes=2 * 1024**2).block_manager.num_blocks
