@@ -42,8 +42,7 @@ def model_forward(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, 
 
 # The batch dimension of the bucket inputs is marked dynamic: one graph serves every bucket, so
 # the compile cost is paid once, not once per bucket, and the CUDA graphs are captured per bucket
-# on top. Should a model's code force a static batch,
-# each bucket compiles once instead.
+# on top. Should a model's code force a static batch, each bucket compiles once instead.
 _compiled_forward = torch.compile(model_forward, fullgraph=True)
 
 

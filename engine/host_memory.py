@@ -3,10 +3,10 @@
 A CPU forward allocates and frees large short-lived tensors every step (a 2048-token prefill's
 MLP activations are ~13 MB apiece). glibc's malloc serves such sizes from fresh mmap'ed pages or
 the top of its heap and returns them to the OS when they are freed, so every step faults the same
-memory in again: ~300k page faults per 32-request run of the default model, about 5% of its CPU in
-the kernel, and fresh zeroed pages in the caches. Raising the mmap threshold to glibc's 64-bit
-maximum (32 MB) and the trim threshold to 1 GB keeps that memory in the heap for the next step
-(measured: -9% CPU for the same tokens, page faults from ~400k to ~50 a run; BENCHMARKS.md).
+memory in again: ~430k page faults per 32-request run of the default model, ~1 CPU s in the
+kernel, and fresh zeroed pages in the caches. Raising the mmap threshold to glibc's 64-bit maximum
+(32 MB) and the trim threshold to 1 GB keeps that memory in the heap for the next step (measured:
+~15k page faults a run, 0.946x the CPU seconds for the same tokens; BENCHMARKS.md).
 
 The cost: memory freed after a peak (the largest prefill's activations) stays with the process.
 Set once per process, on engines that run on the CPU. A user's own `MALLOC_MMAP_THRESHOLD_` or
