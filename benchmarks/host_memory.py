@@ -14,41 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a plain checkout: the root first
 
-LEG = r"""
-import json, resource, sys, time
-import torch
-import tokenmill.engine.host_memory as host_memory
-from tokenmill.bench.workload import LengthRange, random_text_workload
-from tokenmill.engine.llm import LLM
-from tokenmill.engine.sampling_params import SamplingParams
-
-mode, num, out_len, seed, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-if mode == "default":
-    host_memory._applied = False  # as if already decided: glibc's thresholds stay
-llm = LLM(max_num_seqs=64, device="cpu", num_threads=threads)
-params = SamplingParams(max_new_tokens=out_len, do_sample=False, ignore_eos=True)
-llm.generate(["warm up"], params, use_tqdm=False)
-prompts = [r.prompt_text for r in random_text_workload(num, LengthRange(32, 128), LengthRange(out_len, out_len), seed)]
-r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-outputs = llm.generate(prompts, params, use_tqdm=False)
-r1, w1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-print(json.dumps({"mode": mode, "applied": host_memory._applied, "wall_s": w1 - w0,
-                  "user_s": r1.ru_utime - r0.ru_utime, "sys_s": r1.ru_stime - r0.ru_stime,
-                  "minor_faults": r1.ru_minflt - r0.ru_minflt,
-                  "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}))
-"""
+from tokenmill.bench.offline_leg import run_in_fresh_process  # noqa: E402
 
 
 def run_leg(mode: str, args: argparse.Namespace, seed: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    command = [sys.executable, "-c", LEG, mode, str(args.num_prompts), str(args.output_len), str(seed), str(args.threads)]
-    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_in_fresh_process(args.num_prompts, args.output_len, seed, args.threads,
+                                glibc_malloc=mode == "default") | {"mode": mode}
 
 
 def main() -> None:
@@ -66,11 +41,11 @@ def main() -> None:
         order = ("default", "keep") if round_ % 2 == 0 else ("keep", "default")
         for mode in order:
             row = run_leg(mode, args, seed=100 + round_) | {"round": round_}
-            cpu = row["user_s"] + row["sys_s"]
+            cpu = row["cpu_s"]
             print(f"{round_:>5} {mode:>8} {row['wall_s']:>7.2f} {row['user_s']:>7.2f} {row['sys_s']:>6.2f} "
                   f"{row['minor_faults']:>8} {row['output_tokens'] / cpu:>9.2f}", flush=True)
             rows.append(row)
-    cpu = {m: sum(r["user_s"] + r["sys_s"] for r in rows if r["mode"] == m) for m in ("default", "keep")}
+    cpu = {m: sum(r["cpu_s"] for r in rows if r["mode"] == m) for m in ("default", "keep")}
     wall = {m: sum(r["wall_s"] for r in rows if r["mode"] == m) for m in ("default", "keep")}
     summary = {"cpu_s": cpu, "wall_s": wall, "cpu_ratio_keep_over_default": cpu["keep"] / cpu["default"],
                "wall_ratio_keep_over_default": wall["keep"] / wall["default"]}

@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from tokenmill.bench.offline_leg import run_in_fresh_process
 from tokenmill.bench.serve import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,37 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def workload(args: argparse.Namespace) -> list[str]:
     return ["--num-prompts", str(args.num_prompts), "--min-prompt-len", "32", "--max-prompt-len", "128",
             "--output-len", str(args.output_len), "--ignore-eos", "--temperature", "0"]
-
-
-OFFLINE_LEG = r"""
-import json, sys, time
-import torch
-from tokenmill.bench.workload import LengthRange, random_text_workload
-from tokenmill.engine.llm import LLM
-from tokenmill.engine.sampling_params import SamplingParams
-
-threads, num_prompts, output_len, seed = map(int, sys.argv[1:5])
-torch.set_num_threads(threads)
-requests = random_text_workload(num_prompts, LengthRange(32, 128), LengthRange(output_len, output_len), seed=seed)
-prompts = [r.prompt_text for r in requests]
-llm = LLM(max_num_seqs=64, device="cpu", num_threads=threads)
-params = SamplingParams(max_new_tokens=output_len, do_sample=False, ignore_eos=True)
-llm.generate(["warm up"], params, use_tqdm=False)
-cpu, wall = time.process_time(), time.perf_counter()
-outputs = llm.generate(prompts, params, use_tqdm=False)
-cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-print(json.dumps({"output_tokens": tokens, "wall_s": wall, "cpu_s": cpu, "output_tok_s": tokens / wall,
-                  "output_tok_per_cpu_s": tokens / cpu}))
-"""
-
-
-def offline(threads: int, num_prompts: int, output_len: int, seed: int) -> dict:
-    """`LLM.generate` on the prompts of `seed`, in a fresh process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
-    out = subprocess.run([sys.executable, "-c", OFFLINE_LEG, str(threads), str(num_prompts), str(output_len), str(seed)],
-                         capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def session_cpu_s(sid: int) -> dict[str, float]:
@@ -133,7 +103,7 @@ def served(args: argparse.Namespace, tmp: Path, load: list[str]) -> dict:
         results = {}
         for seed, (name, big_after) in enumerate((("plain", None), ("with_5mb_prompt", args.big_prompt_after_s),
                                                   ("plain_again", None)), start=1):
-            offline_run = offline(threads, args.num_prompts, args.output_len, seed)
+            offline_run = run_in_fresh_process(args.num_prompts, args.output_len, seed, threads)
             print(f"offline (seed {seed}):", offline_run, flush=True)
             httpx.post(url + "/v1/completions", json={"prompt": "warm up", "max_tokens": 2}, timeout=120).raise_for_status()
             cpu = session_cpu_s(server.pid)

@@ -192,9 +192,7 @@ class RayTPExecutor:
             return ray.get(refs, timeout=timeout_s)
         except (ray.exceptions.GetTimeoutError, TimeoutError):
             self.dead_reason = f"a tensor-parallel worker did not answer within {timeout_s:.0f} s"
-        except ray.exceptions.RayChannelError as exc:  # the compiled graph saw a rank die
-            self.dead_reason = f"a tensor-parallel worker died ({type(exc).__name__})"
-        except ray.exceptions.RayActorError as exc:
+        except (ray.exceptions.RayActorError, ray.exceptions.RayChannelError) as exc:  # channel: the graph saw it
             self.dead_reason = f"a tensor-parallel worker died ({type(exc).__name__})"
         except ray.exceptions.RayTaskError as exc:
             self.dead_reason = f"a tensor-parallel worker failed: {exc.cause!r}"
