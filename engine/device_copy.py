@@ -8,7 +8,7 @@ copy is queued behind the forward instead. On the CPU these are plain tensors.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -19,6 +19,13 @@ def to_device(values: Any, dtype: torch.dtype, device: torch.device | str) -> to
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def to_device_rows(rows: Sequence[Sequence[Any]], dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """Several equal-length host lists of one dtype on the device in one copy: one 1-D tensor per
+    list, each a contiguous row of one packed [len(rows), n] tensor (one pinned staging buffer and
+    one transfer on CUDA instead of one per list)."""
+    return to_device([list(r) for r in rows], dtype, device).unbind(0)
 
 
 def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:

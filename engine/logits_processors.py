@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from tokenmill.engine.device_copy import host_to_device, to_device
+from tokenmill.engine.device_copy import host_to_device, to_device, to_device_rows
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.kernels.ngram import ban_ngrams
 from tokenmill.kernels.penalties import apply_penalties
@@ -143,8 +143,10 @@ def _run_penalties(
         [min(r.num_prompt_tokens, len(h)) for r, h in zip(rows, histories)], torch.int32, device
     )  # [num_rows]
 
-    def per_row(name: str) -> torch.Tensor:  # [num_rows]
-        return to_device([float(getattr(r.params, name)) for r in rows], torch.float32, device)
+    penalties = ("repetition_penalty", "presence_penalty", "frequency_penalty")
+    repetition, presence, frequency = to_device_rows(
+        [[float(getattr(r.params, name)) for r in rows] for name in penalties], torch.float32, device
+    )  # [num_rows] each, one copy
 
     banned_ids = None
     if any(banned_lists):
@@ -159,16 +161,16 @@ def _run_penalties(
                         f"SamplingParams.logit_bias holds token id {token_id}: allowed ids in [0, {vocab_size})"
                     )
         width = max(map(len, biases))
-        bias_ids = _padded([list(b) for b in biases], width, torch.int64, -1).to(device)  # [num_rows, K2]
-        bias_values = _padded([list(b.values()) for b in biases], width, torch.float32, 0.0).to(device)
+        bias_ids = host_to_device(_padded([list(b) for b in biases], width, torch.int64, -1), device)  # [num_rows, K2]
+        bias_values = host_to_device(_padded([list(b.values()) for b in biases], width, torch.float32, 0.0), device)
     return apply_penalties(
         logits,
         token_ids,
         prompt_lens,
         seq_lens,
-        per_row("repetition_penalty"),
-        per_row("presence_penalty"),
-        per_row("frequency_penalty"),
+        repetition,
+        presence,
+        frequency,
         banned_ids,
         bias_ids,
         bias_values,
@@ -226,16 +228,18 @@ def apply_processors(logits: torch.Tensor, rows: Sequence[RowInput]) -> torch.Te
 def sampling_tensors(rows: Sequence[RowInput], device: torch.device | str) -> SamplingTensors:
     """HF warper parameters per row for `kernels.sampling`; greedy rows get neutral values."""
 
-    def col(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return to_device(values, dtype, device)
-
     sampled = [r.params.do_sample for r in rows]
-    return SamplingTensors(
-        temperature=col([float(r.params.temperature) if s else 1.0 for r, s in zip(rows, sampled)], torch.float32),
-        top_k=col([r.params.top_k if s else 0 for r, s in zip(rows, sampled)], torch.int32),
-        top_p=col([float(r.params.top_p) if s else 1.0 for r, s in zip(rows, sampled)], torch.float32),
-        min_p=col([float(r.params.min_p or 0.0) if s else 0.0 for r, s in zip(rows, sampled)], torch.float32),
-    )
+    temperature, top_p, min_p = to_device_rows(
+        (
+            [float(r.params.temperature) if s else 1.0 for r, s in zip(rows, sampled)],
+            [float(r.params.top_p) if s else 1.0 for r, s in zip(rows, sampled)],
+            [float(r.params.min_p or 0.0) if s else 0.0 for r, s in zip(rows, sampled)],
+        ),
+        torch.float32,
+        device,
+    )  # one copy for the three float columns
+    top_k = to_device([r.params.top_k if s else 0 for r, s in zip(rows, sampled)], torch.int32, device)
+    return SamplingTensors(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
 
 
 def _keep_top(scores: torch.Tensor, remove: torch.Tensor, min_tokens_to_keep: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.engine.device_copy import HostCopy, to_device
+from tokenmill.engine.device_copy import HostCopy, to_device, to_device_rows
 from tokenmill.engine.logits_processors import RowInput, apply_processors, apply_warpers
 from tokenmill.kernels.sampling import greedy_argmax, sample
 
@@ -120,17 +120,13 @@ class Sampler:
             for i in extra:
                 temperature[i], top_k[i], top_p[i], min_p[i] = 1.0, 0, 1.0, 0.0
 
-        def t(values, dtype):
-            return to_device(values, dtype, device)
-
+        # Two packed copies (floats, int64s) instead of one per parameter; the kernel casts top_k.
+        temperature_t, top_p_t, min_p_t = to_device_rows((temperature, top_p, min_p), torch.float32, device)
+        top_k_t, seeds_t, offsets_t = to_device_rows(
+            (top_k, [r.seed for r in rows], [r.offset for r in rows]), torch.int64, device
+        )
         return sample(
-            x,
-            t(temperature, torch.float32),
-            t(top_k, torch.int32),
-            t(top_p, torch.float32),
-            t(min_p, torch.float32),
-            t([r.seed for r in rows], torch.int64),
-            t([r.offset for r in rows], torch.int64),
+            x, temperature_t, top_k_t, top_p_t, min_p_t, seeds_t, offsets_t,
             torch.zeros(len(rows), dtype=torch.bool, device=device),
             filters=(any(k > 0 for k in top_k), any(p < 1.0 for p in top_p)),
         )

@@ -99,3 +99,46 @@ def test_top_k_top_p_rows_draw_what_the_full_sort_draws(monkeypatch):
     sampled = [i for i, kind in enumerate(kinds) if kind != "greedy"]
     assert [out.token_ids[i] for i in sampled] == tokens.tolist()
     assert [out.logprobs[i] for i in sampled] == logprobs.tolist()
+
+
+def test_sampled_rows_take_three_host_to_device_copies(monkeypatch):
+    """Each host-to-device copy of small values costs host time on CUDA: the sampled rows'
+    six parameters go over packed in two copies, after the one for the logits index."""
+    import tokenmill.engine.device_copy as device_copy
+
+    copies = []
+    real = device_copy.to_device
+
+    def counting(values, dtype, device):
+        copies.append(dtype)
+        return real(values, dtype, device)
+
+    monkeypatch.setattr(device_copy, "to_device", counting)
+    monkeypatch.setattr(sampler_module, "to_device", counting)
+    kinds = ["top_k_top_p", "pure", "top_p", "top_k"]
+    logits = torch.randn(len(kinds), VOCAB, generator=torch.Generator().manual_seed(3)) * 2
+    rows = make_rows(kinds)
+    out = Sampler()(logits, rows)
+    assert copies == [torch.int64, torch.float32, torch.int64]
+    # The packed columns reach the kernel as they were given: same draws as one tensor per column.
+    expected, _ = sample_reference(
+        logits,
+        torch.tensor([r.row.params.temperature for r in rows]),
+        torch.tensor([r.row.params.top_k for r in rows], dtype=torch.int32),
+        torch.tensor([r.row.params.top_p for r in rows]),
+        torch.tensor([r.row.params.min_p or 0.0 for r in rows]),
+        torch.tensor([r.seed for r in rows]),
+        torch.tensor([r.offset for r in rows]),
+        torch.zeros(len(rows), dtype=torch.bool),
+    )
+    assert out.token_ids == expected.tolist()
+
+
+def test_to_device_rows_packs_columns_into_contiguous_rows():
+    from tokenmill.engine.device_copy import to_device_rows
+
+    a, b = to_device_rows(([1.5, 2.0, -3.0], [0.25, 0.5, 1.0]), torch.float32, "cpu")
+    assert a.tolist() == [1.5, 2.0, -3.0] and b.tolist() == [0.25, 0.5, 1.0]
+    assert a.is_contiguous() and b.is_contiguous() and a.dtype == torch.float32
+    (empty,) = to_device_rows(([],), torch.int64, "cpu")
+    assert empty.shape == (0,)
