@@ -21,7 +21,7 @@ from tokenmill.engine.host_memory import keep_freed_memory
 from tokenmill.engine.model_loader import LoadedModel, load_model
 from tokenmill.engine.model_runner import ModelRunner, kv_bytes_per_block, resolve_enforce_eager
 from tokenmill.engine.output_processor import request_output
-from tokenmill.engine.quantization import check_quantization, model_quantization
+from tokenmill.engine.quantization import check_quantization, check_quantization_fits, model_quantization
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.engine.scheduler import ScheduledBatch, Scheduler, group_max_seqs
@@ -69,6 +69,8 @@ class LLMEngine:
         tensor_parallel = config.parallel.tensor_parallel_size > 1
         if tensor_parallel and config.scheduler.async_scheduling:
             raise ValueError("async_scheduling=True is invalid with tensor_parallel_size > 1: allowed False")
+        check_quantization_fits(config.model.quantization, resolve_enforce_eager(config.enforce_eager, device),
+                                config.parallel.tensor_parallel_size)
         if loaded is None:
             loaded = load_model(
                 config.model.model,

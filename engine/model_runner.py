@@ -13,6 +13,7 @@ import torch
 
 from tokenmill.engine.attention_backend import AttentionContext
 from tokenmill.engine.compiled_forward import DecodeGraphs
+from tokenmill.engine.device_copy import to_device_rows
 from tokenmill.engine.input_buffers import InputBuffers, StepShape
 from tokenmill.engine.scheduler import ScheduledBatch
 from tokenmill.kernels.attention import StepPlans
@@ -111,8 +112,7 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        src = torch.tensor([c[0] for c in copies], dtype=torch.int64, device=self.device)
-        dst = torch.tensor([c[1] for c in copies], dtype=torch.int64, device=self.device)
+        src, dst = to_device_rows(([c[0] for c in copies], [c[1] for c in copies]), torch.int64, self.device)
         for cache in (*self.k_caches, *self.v_caches):
             cache.index_copy_(0, dst, cache.index_select(0, src))
 

@@ -57,6 +57,22 @@ def check_quantization(quantization: str | None, device: torch.device | str | No
         )
 
 
+def check_quantization_fits(quantization: str | None, enforce_eager: bool, tensor_parallel_size: int) -> None:
+    """ValueError for a mode the rest of the engine configuration cannot run."""
+    if quantization is None:
+        return
+    if tensor_parallel_size > 1:
+        raise ValueError(
+            f"quantization={quantization!r} is invalid with tensor_parallel_size={tensor_parallel_size}: "
+            "the ranks shard float weights; allowed None, or tensor_parallel_size=1"
+        )
+    if quantization == "int8" and not enforce_eager:
+        raise ValueError(
+            "quantization='int8' is invalid with enforce_eager=False: torch.compile cannot trace fbgemm's "
+            "packed int8 weights; allowed enforce_eager=True (the CPU default), or quantization='int4'"
+        )
+
+
 def model_quantization(model: nn.Module) -> str | None:
     """The mode a model was quantized with by :func:`quantize_model`, or None."""
     return getattr(model, QUANTIZATION_ATTR, None)

@@ -167,14 +167,15 @@ def _radix_select(
     found = n_sweep > 0
     read = zero
     for level in tl.static_range(32 // RADIX_BITS):
-        SHIFT: tl.constexpr = 32 - RADIX_BITS * (level + 1)
+        # No constexpr assignment in the loop: compiled Triton rejects reassigning one (the
+        # interpreter does not), so the shift goes straight into the call.
         hist_count = tl.zeros([NUM_BINS], dtype=tl.int32)
         hist_mass = tl.zeros([NUM_BINS], dtype=tl.int64)
         start = zero
         while start < n_sweep:
             offs = start + tl.arange(0, BLOCK)
             count, mass = _block_histogram(
-                row_ptr, offs, V, temp, row_max, floor, lo, SHIFT, USE_MASS, NUM_BINS
+                row_ptr, offs, V, temp, row_max, floor, lo, 32 - RADIX_BITS * (level + 1), USE_MASS, NUM_BINS
             )
             hist_count += count
             hist_mass += mass

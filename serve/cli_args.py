@@ -28,9 +28,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="Quantized linear layers on CPU: int8 (fast) or int4 (small); default: exact float32.")
     group.add_argument("--num-threads", type=int, default=None,
                        help="torch CPU threads (default: OMP_NUM_THREADS, else the cores this process may use).")
-    group.add_argument("--enforce-eager", action="store_true", default=None,
+    eager = group.add_mutually_exclusive_group()
+    eager.add_argument("--enforce-eager", action="store_true", default=None,
                        help="Run every step eager: no compiled forward, no CUDA graphs "
                             "(default: compiled with CUDA graphs on CUDA, eager on the CPU).")
+    eager.add_argument("--compile", dest="enforce_eager", action="store_false",
+                       help="Decode steps through the compiled forward on every device, the CPU included "
+                            "(inductor; each decode bucket compiles on first use).")
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="Shard the model over N ranks (Ray actors, one GPU each) (default 1).")
 

@@ -109,7 +109,9 @@ class EngineCoreServer:
         logger.info("engine core %s at %s", replica_id, self.core.address)
 
     def address(self) -> tuple[str, str]:
-        """(ZMQ address, core id): a new core has a new id."""
+        """(ZMQ address, core id): a new core has a new id. Raises while this core is dead (the
+        API replicas wait for its replacement)."""
+        self.check_health()
         return self.core.address, self.core.core_id
 
     def stats(self) -> dict[str, Any]:
@@ -158,9 +160,10 @@ class LLMServer:
                 address, core_id = await asyncio.wait_for(self.core_handles[index].address.remote(), 5.0)
             except Exception:  # noqa: BLE001 - the replacement is not up yet; /health answers 503 meanwhile
                 continue
-            if core_id != connection.info["core_id"]:
-                await asyncio.to_thread(self.engine.replace_core, index, address)
-                logger.info("API replica %s: connected to the new engine core %s", self.replica_id, core_id)
+            # A live core answered: its replacement, or the same core when only this side's
+            # connection failed. Either way, connect again.
+            await asyncio.to_thread(self.engine.replace_core, index, address)
+            logger.info("API replica %s: connected to the engine core %s", self.replica_id, core_id)
 
     async def generate_tokens(self, request: Any) -> dict[str, Any]:
         """Deployment-handle route: a `router.PromptRequest` in, tokens and cache counters out."""

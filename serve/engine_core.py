@@ -7,7 +7,7 @@ loop has the process (and its GIL) to itself when it runs in its own process.
 
 A client that disconnects (its process died) has its requests aborted: the core sends every
 client a message after each step, and a send to a client that is gone fails (ROUTER_MANDATORY). When the loop itself
-fails, every client is told (["dead", reason]) and the core stays dead: whoever supervises it
+fails, or the engine turns unhealthy (a tensor-parallel worker died), every client is told (["dead", reason]) and the core stays dead: whoever supervises it
 (Ray Serve's health check) replaces it.
 """
 
@@ -28,6 +28,10 @@ from tokenmill.serve.engine_core_messages import decode_params, pack, pack_promp
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 200  # how often an idle loop looks at its stop flag
+
+
+class EngineUnhealthyError(RuntimeError):
+    """The engine reports it cannot run any more: the core ends, and its supervisor replaces it."""
 
 
 @dataclass
@@ -108,6 +112,8 @@ class EngineCore:
                 while changed:  # a client found gone had its requests aborted: tell the others
                     changed = self._send(replies)
                     replies = defaultdict(_Reply)
+                if not getattr(self.engine, "is_healthy", True):  # its failed requests went out above
+                    raise EngineUnhealthyError("the engine can no longer run its model (a tensor-parallel worker died)")
             reason = "the engine core was shut down"
         except BaseException as exc:  # noqa: BLE001 - any fault ends the loop; clients must be told
             logger.exception("engine core loop died")
@@ -115,7 +121,15 @@ class EngineCore:
         self.dead_reason = reason
         for client in list(self._clients):
             self._send_to(client, ["dead", reason])
+        self._refuse_newcomers(reason)
         self.socket.close()
+
+    def _refuse_newcomers(self, reason: str) -> None:
+        """A client whose hello is still queued gets the reason instead of waiting for a welcome."""
+        while self.socket.poll(0):
+            client, payload = self.socket.recv_multipart()
+            if unpack(payload)[0] == "hello" and client not in self._clients:
+                self._send_to(client, ["dead", reason])
 
     def _receive(self, timeout_ms: int, replies: dict[bytes, _Reply]) -> bool:
         """Apply every queued message; True if any arrived."""

@@ -136,3 +136,15 @@ def test_enforce_eager_flag_and_device_default() -> None:
     assert resolve_enforce_eager(None, torch.device("cpu")) is True
     assert resolve_enforce_eager(None, torch.device("cuda")) is False
     assert resolve_enforce_eager(False, torch.device("cpu")) is False
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
+def test_int4_weights_run_through_the_compiled_forward(backend: str) -> None:
+    """int4 traces (int8's packed fbgemm weights cannot, and the engine refuses that pair)."""
+    from tokenmill.engine.quantization import quantize_model
+
+    loaded, _ = tiny_pair("llama")
+    quantize_model(loaded.model, "int4")
+    prompts = random_prompts([5, 17, 9], seed=4)
+    want = greedy(loaded, prompts, enforce_eager=True, quantization="int4")
+    assert greedy(loaded, prompts, enforce_eager=False, quantization="int4") == want

@@ -96,6 +96,15 @@ def test_engine_rejects_model_quantized_otherwise() -> None:
         LLM(loaded=loaded, quantization="int8")
 
 
+def test_engine_rejects_quantization_it_cannot_run_before_loading_anything() -> None:
+    loaded, _ = tiny_pair("llama")
+    quantize_model(loaded.model, "int8")
+    with pytest.raises(ValueError, match=r"quantization='int8' is invalid with enforce_eager=False: .*allowed"):
+        LLM(loaded=loaded, quantization="int8", enforce_eager=False)
+    with pytest.raises(ValueError, match=r"quantization='int4' is invalid with tensor_parallel_size=2: .*allowed None"):
+        LLM(model="unused", quantization="int4", tensor_parallel_size=2)
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_engine_greedy_matches_hf_on_the_same_quantized_model(mode: str) -> None:
     """The engine adds no error of its own: greedy tokens equal HF generate on the quantized weights."""
@@ -117,5 +126,10 @@ def test_cli_flags_reach_engine_kwargs() -> None:
     assert kwargs["quantization"] == "int8" and kwargs["num_threads"] == 2
     defaults = engine_kwargs(cli.build_parser().parse_args(["serve"]))
     assert defaults["quantization"] is None and defaults["num_threads"] is None
+    assert defaults["enforce_eager"] is None  # the device decides
+    assert engine_kwargs(cli.build_parser().parse_args(["serve", "--compile"]))["enforce_eager"] is False
+    assert engine_kwargs(cli.build_parser().parse_args(["serve", "--enforce-eager"]))["enforce_eager"] is True
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--compile", "--enforce-eager"])
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["serve", "--quantization", "fp8"])

@@ -13,6 +13,7 @@ import torch
 from tests.engine.helpers import random_prompts, tiny_config, tiny_pair
 from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.engine.config import ParallelConfig
+from tokenmill.engine.errors import EngineDeadError
 from tokenmill.engine.executor import ExecutorDeadError
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.sampling_params import SamplingParams
@@ -158,9 +159,18 @@ def test_killed_worker_fails_requests_and_engine_turns_unhealthy(step_messages, 
         assert set(finished) == {"k0", "k1"}
         assert all(o.error and "ExecutorDeadError" in o.error for o in finished.values())
         assert not engine.is_healthy
-        # A serving front over this engine (its core steps it from now on) reports it unhealthy too.
-        async_engine = AsyncLLMEngine.from_engine(engine)
-        assert not async_engine.is_healthy
+        # A serving front over this engine reports it unhealthy too, and its core ends (so that
+        # Serve's health check replaces it): the front is told, or refused when it came too late.
+        try:
+            async_engine = AsyncLLMEngine.from_engine(engine)
+            assert not async_engine.is_healthy
+            deadline = time.monotonic() + 10
+            while async_engine.dead_reason is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            reason = async_engine.dead_reason or ""
+        except EngineDeadError as exc:
+            reason = str(exc)
+        assert "tensor-parallel worker died" in reason
         with pytest.raises(ExecutorDeadError):
             engine.runner.run(None)  # every later step fails at once
     finally:

@@ -1,0 +1,110 @@
+"""What the health checks see: an engine core ends once its engine turns unhealthy (a dead
+tensor-parallel worker), a dead core hands out no address, and an API replica whose connection
+failed on its own connects again to the live core instead of answering 503 forever."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+
+from tokenmill.serve.deployment import EngineCoreServer, LLMServer
+from tokenmill.serve.engine_core import EngineCore
+
+
+class IdleEngine:
+    """Just enough engine for an idle core loop."""
+
+    is_healthy = True
+
+    def has_unfinished_requests(self) -> bool:
+        return False
+
+
+def test_a_core_ends_when_its_engine_turns_unhealthy():
+    engine = IdleEngine()
+    core = EngineCore(engine, bind="inproc://tokenmill-health-unhealthy").start()
+    try:
+        time.sleep(0.3)
+        assert core.is_alive
+        engine.is_healthy = False  # what the executor reports once a rank died
+        deadline = time.monotonic() + 5
+        while core.is_alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not core.is_alive
+        assert "tensor-parallel worker died" in core.dead_reason
+    finally:
+        core.shutdown(timeout_s=5)
+
+
+def test_a_dead_core_hands_out_no_address():
+    server = SimpleNamespace(core=EngineCore(IdleEngine(), bind="inproc://tokenmill-health-address").start())
+    server.check_health = lambda: EngineCoreServer.func_or_class.check_health(server)
+    address = EngineCoreServer.func_or_class.address
+    try:
+        assert address(server)[1] == "core"
+        server.core.dead_reason = "the engine loop died: boom"
+        with pytest.raises(RuntimeError, match="boom"):
+            address(server)
+    finally:
+        server.core.shutdown(timeout_s=5)
+
+
+@dataclass
+class FakeConnection:
+    is_alive: bool
+    info: dict = field(default_factory=lambda: {"core_id": "core-1"})
+
+
+class FakeAsyncEngine:
+    def __init__(self, connection: FakeConnection) -> None:
+        self.cores = [connection]
+        self.replaced: list[tuple[int, str]] = []
+
+    def replace_core(self, index: int, address: str) -> None:
+        self.replaced.append((index, address))
+        self.cores[index] = FakeConnection(True)
+
+
+class FakeCoreHandle:
+    """A deployment handle whose `address.remote()` answers like EngineCoreServer.address."""
+
+    def __init__(self, core_id: str | None) -> None:
+        self.core_id = core_id  # None: the core is dead (address() raises)
+        self.address = self
+
+    async def remote(self) -> tuple[str, str]:
+        if self.core_id is None:
+            raise RuntimeError("engine core loop is not running")
+        return "tcp://10.0.0.1:5555", self.core_id
+
+
+class ApiReplica(SimpleNamespace):
+    """LLMServer's health check on fake parts (no Serve replica around it)."""
+
+    async def check_health(self) -> None:
+        await LLMServer.func_or_class.check_health(self)
+
+
+def api_replica(connection: FakeConnection, handle: FakeCoreHandle) -> ApiReplica:
+    return ApiReplica(engine=FakeAsyncEngine(connection), core_handles=[handle], replica_id="api-0")
+
+
+def test_an_api_replica_reconnects_to_the_same_live_core_when_only_its_connection_died():
+    server = api_replica(FakeConnection(is_alive=False), FakeCoreHandle("core-1"))  # same core id: alive
+    asyncio.run(server.check_health())
+    assert server.engine.replaced == [(0, "tcp://10.0.0.1:5555")]
+    asyncio.run(server.check_health())  # connected now: nothing more to do
+    assert len(server.engine.replaced) == 1
+
+
+def test_an_api_replica_waits_while_its_core_is_dead_and_never_fails_its_own_check():
+    server = api_replica(FakeConnection(is_alive=False), FakeCoreHandle(None))
+    asyncio.run(server.check_health())  # no exception: Serve replaces the core, not this replica
+    assert server.engine.replaced == []
+    server.core_handles[0].core_id = "core-2"  # the replacement is up
+    asyncio.run(server.check_health())
+    assert server.engine.replaced == [(0, "tcp://10.0.0.1:5555")]
