@@ -28,7 +28,7 @@ setup(
         "accelerate",
         "numpy",
         "tqdm",
-        "triton>=3.2",
+        "triton>=3.4",  # tl.histogram(..., mask=)
     ],
     extras_require={
         "serve": SERVE_REQUIRES,

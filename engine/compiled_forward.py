@@ -86,8 +86,10 @@ class DecodeGraphs:
                 max_seq_len=0,  # not a constant of the graph: attention reads or bounds it
             )
             ids, pos = dev["input_ids"][:b].view(1, b), dev["positions"][:b].view(1, b)  # [1, B]
+            # The block-table width too: the KV-sizing probe's is capped by its token budget, the
+            # engine's by max_model_len (128 and 256 blocks at the defaults).
             for tensor, dim in ((ids, 1), (pos, 1), (ctx.slot_mapping, 0), (ctx.block_tables, 0),
-                                (ctx.seq_lens, 0), (ctx.query_start_loc, 0)):
+                                (ctx.block_tables, 1), (ctx.seq_lens, 0), (ctx.query_start_loc, 0)):
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
             self.inputs[b] = (ids, pos, ctx)
         self.block_size = block_size

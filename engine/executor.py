@@ -39,7 +39,8 @@ class ExecutorDeadError(RuntimeError):
 
 class RayTPExecutor:
     def __init__(self, parallel: ParallelConfig, cache: CacheConfig, *, model_source: Any, device: torch.device,
-                 dtype: torch.dtype, model_config: Any, max_num_batched_tokens: int) -> None:
+                 dtype: torch.dtype, model_config: Any, max_num_batched_tokens: int,
+                 max_model_len: int | None = None) -> None:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group  # noqa: F401
 
@@ -59,7 +60,7 @@ class RayTPExecutor:
             self.owns_ray = True
         try:
             self._start_workers(device, dtype)
-            self.num_blocks = self._load(model_source, device, dtype, cache, max_num_batched_tokens)
+            self.num_blocks = self._load(model_source, device, dtype, cache, max_num_batched_tokens, max_model_len)
             self.set_step_messages("graph" if device.type == "cuda" else "tasks")
         except BaseException:
             self.shutdown()
@@ -103,14 +104,15 @@ class RayTPExecutor:
                    for w in self.workers], self.parallel.startup_timeout_s)
         self.worker_pids = self._get([w.pid.remote() for w in self.workers], self.parallel.startup_timeout_s)
 
-    def _load(self, source: Any, device: torch.device, dtype: torch.dtype, cache: CacheConfig, max_tokens: int) -> int:
+    def _load(self, source: Any, device: torch.device, dtype: torch.dtype, cache: CacheConfig, max_tokens: int,
+              max_model_len: int | None) -> int:
         import ray
 
         if not isinstance(source, str):
             source = ray.put(source)  # one copy in the object store, read by every rank
         worker_device = "cuda" if device.type == "cuda" else "cpu"
-        blocks = self._get([w.load_model.remote(source, worker_device, dtype, cache, max_tokens) for w in self.workers],
-                           self.parallel.startup_timeout_s)
+        blocks = self._get([w.load_model.remote(source, worker_device, dtype, cache, max_tokens, max_model_len)
+                            for w in self.workers], self.parallel.startup_timeout_s)
         num_blocks = min(blocks)
         if num_blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache on some rank (blocks per rank: {blocks})")
@@ -250,4 +252,5 @@ def make_executor(config: Any, loaded: Any, device: torch.device, dtype: torch.d
     path = loaded.model_path
     source: Any = path if path and (Path(path) / "config.json").is_file() else loaded.model
     return RayTPExecutor(config.parallel, config.cache, model_source=source, device=device, dtype=dtype,
-                         model_config=loaded.model.config, max_num_batched_tokens=scheduler.max_num_batched_tokens)
+                         model_config=loaded.model.config, max_num_batched_tokens=scheduler.max_num_batched_tokens,
+                         max_model_len=scheduler.max_model_len)

@@ -55,7 +55,8 @@ class TPWorker:
         dist.init_process_group(backend, init_method=f"tcp://{address}", rank=self.rank,
                                 world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
 
-    def load_model(self, source: Any, device: str, dtype: torch.dtype, cache: Any, max_num_batched_tokens: int) -> int:
+    def load_model(self, source: Any, device: str, dtype: torch.dtype, cache: Any, max_num_batched_tokens: int,
+                   max_model_len: int | None = None) -> int:
         """Load (a folder path) or receive (a module) the whole model, keep this rank's shard.
 
         Returns the number of KV blocks this rank can hold.
@@ -71,9 +72,10 @@ class TPWorker:
         if getattr(model.config, "_attn_implementation", None) != attn:
             model.set_attn_implementation(attn)
         self.model = model.to(device).eval()
-        return self._num_kv_blocks(cache, torch.device(device), dtype, max_num_batched_tokens)
+        return self._num_kv_blocks(cache, torch.device(device), dtype, max_num_batched_tokens, max_model_len)
 
-    def _num_kv_blocks(self, cache: Any, device: torch.device, dtype: torch.dtype, max_tokens: int) -> int:
+    def _num_kv_blocks(self, cache: Any, device: torch.device, dtype: torch.dtype, max_tokens: int,
+                       max_model_len: int | None) -> int:
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
         per_block = kv_bytes_per_block(self.model.config, cache.block_size, dtype)  # this rank's heads only
@@ -83,7 +85,7 @@ class TPWorker:
         probe = ModelRunner(self.model, num_blocks=-(-max_tokens // cache.block_size), block_size=cache.block_size)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        probe.profile_run(max_tokens)
+        probe.profile_run(max_tokens, max_model_len)
         peak = torch.cuda.max_memory_allocated(device) - sum(c.numel() * c.element_size() for c in probe.k_caches) * 2
         del probe
         torch.cuda.empty_cache()

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Not on a bare CUDA machine (torch, transformers, triton, pytest): ray and gguf above all, and the
 # serving / benchmark-plot / property-test extras.
 UNAVAILABLE = ("ray", "gguf", "fastapi", "uvicorn", "prometheus_client", "aiohttp", "matplotlib", "hypothesis",
-               "schemathesis", "openai")
+               "schemathesis", "openai", "scipy")
 MODULES = (
     "tokenmill.kernels.attention", "tokenmill.kernels.sampling", "tokenmill.kernels.penalties",
     "tokenmill.kernels.ngram", "tokenmill.engine.llm", "tokenmill.engine.model_loader",

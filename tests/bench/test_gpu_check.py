@@ -28,7 +28,7 @@ def _throughput_json(backend: str, tok_s: float, step_ms: float | None = None, p
     }
     if step_ms is not None:
         workload["step_profile"] = {"step_ms": step_ms, "forward_ms": step_ms / 2, "host_ms": step_ms / 2,
-                                    "pipelined_step_ms": pipelined_ms}
+                                    "pipelined_step_ms": pipelined_ms, "gpu_kernel_ms": step_ms / 4}
         workload["step_profile_single_stream"] = {"step_ms": step_ms / 4}
     return json.dumps({"workloads": {"greedy": workload}})
 
@@ -71,6 +71,7 @@ def test_parts_run_under_their_limits_and_one_report_comes_out(tmp_path):
     assert targets["tokenmill_output_tok_s"] == {"target": 20_000, "measured": 3000.0, "met": False}
     assert targets["ratio_vs_hf_generate"]["met"] is False and targets["decode_step_ms"]["met"] is False
     assert targets["single_stream_step_ms"] == {"target": 1.5, "measured": 2.0, "met": False}
+    assert targets["decode_gpu_busy"] == {"target": 0.70, "measured": 0.25, "met": False}
     text = format_report(report, results)
     assert "FAILED tests/a.py::test_two - AssertionError: 3 != 4" in text
     assert "ratio tokenmill/hf-generate (batch 64) (useful output tok/s): 3.00x" in text

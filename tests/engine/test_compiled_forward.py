@@ -111,12 +111,14 @@ def test_padding_rows_never_write_the_cache_nor_change_real_rows(backend: str) -
 
 @pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
 def test_runners_with_other_cache_sizes_share_the_compiled_graph(backend: str) -> None:
-    """The KV-sizing probe, the engine and a second engine of one model hold caches of other sizes:
-    one compiled graph serves them all (a compile of a large model takes minutes)."""
+    """The KV-sizing probe, the engine and a second engine of one model hold caches and block
+    tables of other sizes: one compiled graph serves them all (a compile of a large model takes minutes)."""
     loaded, _ = tiny_pair("llama")
-    for num_blocks in (16, 24, 40):
-        runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=8, max_num_seqs=8, max_model_len=64,
-                             enforce_eager=False)
+    # Block-table widths 8, 8 and 16: the probe's is capped by its token budget, the engine's by
+    # max_model_len.
+    for num_blocks, max_model_len in ((16, 64), (24, 64), (40, 128)):
+        runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=8, max_num_seqs=8,
+                             max_model_len=max_model_len, enforce_eager=False)
         for num_seqs in (3, 1):  # buckets 4 and 2: a single decode runs padded, not compiled apart
             assert runner.run(_decode_batch(num_seqs)).shape == (num_seqs, loaded.model.config.vocab_size)
     assert runner.prepare_inputs(_decode_batch(1))[1] == 2

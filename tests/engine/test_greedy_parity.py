@@ -124,12 +124,13 @@ GPU_ARCHS = ("llama", "qwen2", "mistral", "gpt2")
 # GPT-2 with 1024 positions, fewer than max_num_batched_tokens (2048): KV sizing on CUDA must not
 # run a forward past the position table.
 GPU_MAX_POSITIONS = {"gpt2": 1024}
-# Several engines share the GPU at once: each sizes its KV cache from a small share of the memory.
-GPU_SHARE = dict(gpu_memory_utilization=0.02)
+# Several engines share the GPU at once: each sizes its KV cache from a small share of the memory,
+# and captures the decode graphs of 8 sequences at most (3 buckets; the cases hold 8 prompts).
+GPU_SHARE = dict(gpu_memory_utilization=0.02, max_num_seqs=8)
 GPU_VARIANTS = {
     "prefix_caching": dict(**GPU_SHARE),  # KV cache sized by a profiling forward; shared prefixes
     "chunked_prefill": dict(max_num_batched_tokens=16, max_model_len=256, **GPU_SHARE),
-    "preemption": dict(num_kv_blocks=10, block_size=16),
+    "preemption": dict(num_kv_blocks=10, block_size=16, max_num_seqs=8),
 }
 GPU_CASES = [(a, v, "float32") for a in GPU_ARCHS for v in GPU_VARIANTS] + [
     (a, "prefix_caching", "bfloat16") for a in GPU_ARCHS  # bf16 smoke runs
