@@ -40,6 +40,7 @@ class AsyncEngineConfig:
     stream_interval: int = 1  # wake a stream's consumer every this many tokens (and at the end)
     tokenizer_workers: int = 2  # threads that tokenize prompts
     prefix_routing: bool = False  # several cores: prompts sharing a prefix go to the core caching it
+    core_token: str | None = None  # the secret the cores were started with (tcp cores: see EngineCore)
 
     def __post_init__(self) -> None:
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
@@ -166,7 +167,7 @@ class AsyncLLMEngine:
         connections: list[CoreConnection] = []
         try:
             for address in addresses:
-                connections.append(CoreConnection(address))
+                connections.append(CoreConnection(address, token=(config or AsyncEngineConfig()).core_token))
         except BaseException:
             for c in connections:
                 c.close()
@@ -178,7 +179,7 @@ class AsyncLLMEngine:
         old = self.cores[index]
         if old.is_alive:
             raise RuntimeError(f"core {index} at {old.address} is alive: nothing to replace")
-        self.cores[index] = CoreConnection(address)
+        self.cores[index] = CoreConnection(address, token=self.config.core_token)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -209,6 +210,10 @@ class AsyncLLMEngine:
         total = {k: sum(s[k] for s in stats) for k in stats[0]}
         total["kv_cache_usage"] = total["kv_cache_usage"] / len(stats)
         return SimpleNamespace(**total)
+
+    async def in_tokenizer_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in the tokenizer worker pool (prompt work that must not block the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Tokenize in the worker pool; a prompt longer than the context fails (ValueError) as soon as

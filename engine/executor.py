@@ -79,7 +79,7 @@ class RayTPExecutor:
         first_bundle = 1  # a Serve replica holds bundle 0 of its group; the ranks take the next N
         if group is None or len(group.bundle_specs) < self.world_size + 1:
             bundle = {"CPU": self.parallel.worker_num_cpus, **({"GPU": 1} if cuda else {})}
-            group = placement_group([bundle] * self.world_size, strategy="PACK")
+            group = placement_group([bundle] * self.world_size, strategy="STRICT_PACK")  # one node
             self.placement_group = group
             first_bundle = 0
             try:

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
@@ -53,6 +54,9 @@ class ServeConfig:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # LLMEngine.from_args keywords
     ray_address: str | None = None  # join this Ray cluster ("auto": the running one) instead of a local one
     prefix_routing: bool = False  # serve.router.PrefixAwareRouter instead of Serve's power-of-two router
+    # The engine cores listen on the node's address: only clients that know this secret (the API
+    # replicas get it with their config) may submit requests. Fresh for every deployment.
+    core_token: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -105,7 +109,7 @@ class EngineCoreServer:
         engine = LLMEngine.from_args(config.model, **config.engine_kwargs)
         engine.warm_up()  # first-use costs before the first request, not during it
         host = ray.util.get_node_ip_address()
-        self.core = EngineCore(engine, bind=f"tcp://{host}:*", core_id=replica_id).start()
+        self.core = EngineCore(engine, bind=f"tcp://{host}:*", core_id=replica_id, token=config.core_token).start()
         logger.info("engine core %s at %s", replica_id, self.core.address)
 
     def address(self) -> tuple[str, str]:
@@ -144,7 +148,8 @@ class LLMServer:
         addresses = [(await handle.address.remote())[0] for handle in self.core_handles]
         engine_config = AsyncEngineConfig(request_timeout_s=self.config.request_timeout_s,
                                           stream_interval=self.config.stream_interval,
-                                          prefix_routing=self.config.prefix_routing)
+                                          prefix_routing=self.config.prefix_routing,
+                                          core_token=self.config.core_token)
         self.engine = await asyncio.to_thread(AsyncLLMEngine.connect, addresses, engine_config)
         return build_app(self.engine, api_key=self.config.api_key, served_model_name=self.config.served_model_name,
                          replica_id=self.replica_id, max_request_bytes=self.config.max_request_bytes)

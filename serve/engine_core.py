@@ -13,7 +13,9 @@ fails, or the engine turns unhealthy (a tensor-parallel worker died), every clie
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 import pickle
 import threading
 from collections import defaultdict
@@ -47,7 +49,7 @@ class EngineCore:
     """Runs `engine` in a loop thread; clients connect to `address` (a ZMQ DEALER each)."""
 
     def __init__(self, engine: Any, bind: str = "tcp://127.0.0.1:*", context: zmq.Context | None = None,
-                 core_id: str = "core") -> None:
+                 core_id: str = "core", token: str | None = None) -> None:
         self.engine = engine
         self.core_id = core_id
         self.context = context or zmq.Context.instance()
@@ -58,6 +60,7 @@ class EngineCore:
         self.socket.bind(bind)
         self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.dead_reason: str | None = None
+        self._token = token  # a client's hello must carry it (None: any hello is welcome)
         self._clients: set[bytes] = set()
         self._owner: dict[str, bytes] = {}  # request id -> client identity
         self._num_sent: dict[str, dict[int, int]] = {}  # request id -> sequence index -> tokens sent
@@ -142,14 +145,29 @@ class EngineCore:
                 return True
             message = unpack(payload)
             kind = message[0]
-            if kind == "add":
+            if kind == "hello":
+                self._hello(client, message)
+            elif client not in self._clients:  # never welcomed (or dropped): its requests are refused
+                if kind == "add":
+                    self._refuse(client, message[1], "this client is not connected to the engine core "
+                                 "(no accepted hello); connect again")
+            elif kind == "add":
                 self._add(client, message, replies[client])
             elif kind == "abort":
                 self._abort(message[1])
-            elif kind == "hello":
-                self._clients.add(client)
-                info = pickle.dumps(self.info())
-                self._send_to(client, ["welcome", info])
+
+    def _hello(self, client: bytes, message: list[Any]) -> None:
+        token = message[1] if len(message) > 1 else None
+        if self._token is not None and not (isinstance(token, str) and hmac.compare_digest(token, self._token)):
+            logger.warning("engine core: refused a client with a wrong or missing token")
+            self._send_to(client, ["refused", "wrong or missing core token"])
+            return
+        self._clients.add(client)
+        self._send_to(client, ["welcome", pickle.dumps(self.info())])
+
+    def _refuse(self, client: bytes, request_id: Any, reason: str) -> None:
+        stats = asdict(self.engine.get_stats())
+        self._send_to(client, ["step", [], [], [[request_id, "internal", reason]], stats])
 
     def _add(self, client: bytes, message: list[Any], reply: _Reply) -> None:
         _, request_id, prompt_token_ids, fields = message
@@ -234,11 +252,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tokenmill.serve.engine_core")
     parser.add_argument("model", nargs="?", default=None)
     parser.add_argument("--bind", default="tcp://127.0.0.1:*", help="ZMQ address to listen on (default: a free port)")
+    parser.add_argument("--token-env", default="TOKENMILL_CORE_TOKEN",
+                        help="environment variable holding the secret a client's hello must carry "
+                             "(default TOKENMILL_CORE_TOKEN; unset: any client is welcome)")
     add_engine_args(parser)
     args = parser.parse_args(argv)
     engine = LLMEngine.from_args(args.model, **engine_kwargs(args))
     engine.warm_up()
-    core = EngineCore(engine, bind=args.bind).start()
+    core = EngineCore(engine, bind=args.bind, token=os.environ.get(args.token_env) or None).start()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

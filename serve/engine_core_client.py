@@ -50,7 +50,8 @@ class RequestTimeoutError(TimeoutError):
 class CoreConnection:
     """One engine core as seen from an API process."""
 
-    def __init__(self, address: str, *, context: zmq.Context | None = None, connect_timeout_s: float = 60.0) -> None:
+    def __init__(self, address: str, *, context: zmq.Context | None = None, connect_timeout_s: float = 60.0,
+                 token: str | None = None) -> None:
         self.address = address
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)
@@ -61,7 +62,7 @@ class CoreConnection:
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.socket.connect(address)
-        self.info = self._handshake(connect_timeout_s)
+        self.info = self._handshake(connect_timeout_s, token)
         self.stats: dict[str, Any] = self.info.pop("stats")
         self.dead_reason: str | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -75,8 +76,8 @@ class CoreConnection:
         self._thread = threading.Thread(target=self._run, name="tokenmill-core-client", daemon=True)
         self._thread.start()
 
-    def _handshake(self, timeout_s: float) -> dict[str, Any]:
-        self.socket.send(pack(["hello"]))
+    def _handshake(self, timeout_s: float, token: str | None) -> dict[str, Any]:
+        self.socket.send(pack(["hello", token]))
         if not self.socket.poll(int(timeout_s * 1000)):
             self.socket.close()
             self.monitor.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -67,7 +68,7 @@ class OpenAIServing:
     # ------------------------------------------------------------------ endpoints
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
-        prompts = self._completion_prompts(body.prompt)
+        prompts = await self._completion_prompts(body.prompt)
         params = self._params(body)
         job = _Job(self, "cmpl", body, params, body.logprobs)
         await job.start(prompts, body.timeout_s)
@@ -131,7 +132,7 @@ class OpenAIServing:
     def _params(self, body: Any) -> SamplingParams:
         return to_sampling_params(body, defaults=self.engine.default_sampling_params(), vocab_size=self.vocab_size)
 
-    def _completion_prompts(self, prompt: Any) -> list[_Prompt]:
+    async def _completion_prompts(self, prompt: Any) -> list[_Prompt]:
         if isinstance(prompt, str):
             items: list[Any] = [prompt]
         elif prompt and all(isinstance(p, int) for p in prompt):
@@ -145,11 +146,15 @@ class OpenAIServing:
             if isinstance(item, str):
                 prompts.append(_Prompt(item, item))
                 continue
+            if len(item) >= self.engine.max_model_len:  # before decoding a text nobody will use
+                raise APIError(400, f"Invalid value for 'prompt': prompt has {len(item)} tokens: allowed fewer "
+                                    f"than max_model_len ({self.engine.max_model_len}).", param="prompt")
             bad = [t for t in item if not 0 <= t < self.vocab_size]
             if bad:
                 raise APIError(400, f"Invalid value for 'prompt': token ids {bad[:5]} are outside "
                                     f"[0, {self.vocab_size}).", param="prompt")
-            prompts.append(_Prompt(list(item), self.tokenizer.decode(item)))
+            text = await self.engine.in_tokenizer_pool(self.tokenizer.decode, item)  # off the event loop
+            prompts.append(_Prompt(list(item), text))
         return prompts
 
     async def _chat_prompt(self, body: ChatCompletionRequest) -> _Prompt:
@@ -163,10 +168,11 @@ class OpenAIServing:
             raise APIError(400, f"Invalid value for 'chat_template_kwargs': {reserved} are set by the request itself "
                                 f"(use the request fields); allowed other template variables.",
                            param="chat_template_kwargs")
+        render = functools.partial(self.tokenizer.apply_chat_template, messages, tokenize=False,
+                                   add_generation_prompt=body.add_generation_prompt,
+                                   continue_final_message=body.continue_final_message, **extra)
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=body.add_generation_prompt,
-                                                      continue_final_message=body.continue_final_message, **extra)
+            text = await self.engine.in_tokenizer_pool(render)  # a long conversation renders off the event loop
         except Exception as exc:  # noqa: BLE001 - template errors are the client's (role order, ...)
             raise APIError(400, f"Invalid value for 'messages': the chat template rejected them: {exc}",
                            param="messages") from exc

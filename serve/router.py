@@ -160,7 +160,7 @@ def replica_placement(config: Any) -> dict[str, Any]:
     """Deployment options for tensor-parallel replicas: a placement group of 1 + N bundles each.
 
     Bundle 0 holds the replica (the engine's driver: scheduler, blocks, API), bundles 1..N one rank
-    each (a GPU each on CUDA), packed on one node when possible. With N = 1 the replica holds the
+    each (a GPU each on CUDA), all on one node (STRICT_PACK). With N = 1 the replica holds the
     model itself and keeps its plain actor options.
     """
     size = int(getattr(config, "engine_kwargs", {}).get("tensor_parallel_size", 1))
@@ -171,7 +171,7 @@ def replica_placement(config: Any) -> dict[str, Any]:
     return {
         "ray_actor_options": {"num_cpus": config.num_cpus_per_replica, "num_gpus": 0},
         "placement_group_bundles": [{"CPU": config.num_cpus_per_replica}] + [rank_bundle] * size,
-        "placement_group_strategy": "PACK",
+        "placement_group_strategy": "STRICT_PACK",  # one node: the ranks all-reduce every layer
     }
 
 

@@ -115,6 +115,17 @@ def test_request_body_limit_is_a_413_and_a_long_prompt_a_400(engine):
         long = live.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "word " * 5000}],
                                                        "max_tokens": 2})
         assert long.status_code == 400 and "max_model_len" in long.json()["error"]["message"]
+
+        def chunks():  # no Content-Length: the limit is applied as the body streams in
+            for _ in range(40):
+                yield b" " * 4096
+            yield b'{"prompt": "Hi", "max_tokens": 2}'
+
+        streamed = live.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert streamed.status_code == 413 and "--max-request-bytes" in streamed.json()["error"]["message"]
+        ids = live.post("/v1/completions", json={"prompt": [5] * 3000, "max_tokens": 2})  # rejected before decoding
+        assert ids.status_code == 400
+        assert ids.json()["error"]["param"] == "prompt" and "3000 tokens" in ids.json()["error"]["message"]
         ok = live.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0})
         assert ok.status_code == 200 and live.get("/health").status_code == 200
 
@@ -192,3 +203,43 @@ def test_killing_the_core_process_fails_its_requests_at_once_and_a_replacement_s
             if process is not None:
                 process.terminate()
                 process.wait(20)
+
+
+def test_a_core_with_a_token_serves_only_clients_that_know_it(loaded_model):
+    """A core listening on the node's address takes requests only from clients whose hello carries
+    its secret; anyone else is refused at the hello, and an add without a hello is rejected."""
+    import zmq
+
+    from tokenmill.engine.async_engine import AsyncEngineConfig, AsyncLLMEngine
+    from tokenmill.serve.engine_core import EngineCore
+    from tokenmill.serve.engine_core_messages import pack, unpack
+
+    core = EngineCore(LLMEngine.from_args(None, loaded=loaded_model, **ENGINE_KWARGS),
+                      bind="tcp://127.0.0.1:*", token="s3cret").start()
+    try:
+        for wrong in (None, "guess"):
+            with pytest.raises(EngineDeadError, match="refused"):
+                CoreConnection(core.address, token=wrong, connect_timeout_s=10)
+        intruder = zmq.Context.instance().socket(zmq.DEALER)
+        intruder.setsockopt(zmq.LINGER, 0)
+        intruder.connect(core.address)
+        intruder.send(pack(["add", "sneaky", [1, 2, 3], {}]))
+        assert intruder.poll(10_000)
+        kind, _, _, rejected, _ = unpack(intruder.recv())
+        assert kind == "step" and rejected[0][0] == "sneaky" and "not connected" in rejected[0][2]
+        intruder.close()
+        assert core.engine.get_stats().num_running == core.engine.get_stats().num_waiting == 0
+
+        front = AsyncLLMEngine.connect([core.address], AsyncEngineConfig(core_token="s3cret"))
+        try:
+            async def one():
+                final = None
+                async for final in front.generate("Hello", SamplingParams(max_new_tokens=3, do_sample=False)):
+                    pass
+                return final
+
+            assert len(asyncio.run(one()).outputs[0].token_ids) == 3
+        finally:
+            front.shutdown(timeout_s=5)
+    finally:
+        core.shutdown()
