@@ -15,6 +15,7 @@ from transformers.generation.logits_process import (
 )
 
 from tests.chi_square import chisquare_p_value
+from tokenmill.kernels import sampling as sampling_module
 from tokenmill.kernels._philox import draw_target_torch, philox_word_torch
 from tokenmill.kernels.sampling import (
     apply_sampling_filters,
@@ -327,8 +328,10 @@ def test_kernel_passes_over_a_row_are_bounded(split):
         "greedy": ((1.0, 0, 1.0, 0.0, True), 1.0),
         "pure": ((1.0, 0, 1.0, 0.0, False), 3.0),
         "min_p": ((0.8, 0, 1.0, 0.1, False), 3.0),
-        "top_k": ((0.8, 50, 1.0, 0.0, False), 3.0 + 8),
-        "top_k_top_p": ((0.8, 50, 0.9, 0.0, False), 3.0 + 16),
+        # One program: after the top-k select, one pass copies the survivors and the rest reads
+        # only them. A split row reads the row for top-p, the total and the pick.
+        "top_k": ((0.8, 50, 1.0, 0.0, False), 1.0 + 8 + 1.2 if split == 1 else 3.0 + 8),
+        "top_k_top_p": ((0.8, 50, 0.9, 0.0, False), 1.0 + 8 + 1.2 if split == 1 else 3.0 + 16),
     }
     batch = len(kinds)
     logits = make_logits(batch, vocab, gen)
@@ -344,6 +347,31 @@ def test_kernel_passes_over_a_row_are_bounded(split):
         assert got <= budget, f"{name}: {got} passes, budget {budget}"
     assert passes[0] == 1.0  # a greedy row reads its logits once
     assert all(got >= 2.0 for got in passes[1:].tolist())
+
+
+def test_top_k_survivors_beyond_the_buffer_fall_back_to_the_row(monkeypatch):
+    """A top-k row copies its survivors (k plus ties at the boundary) to a buffer of MAX_SURVIVORS
+    and reads only them; a row with more survivors than that (ties) reads the row instead. Both
+    keep the same set and draw the same token as the reference."""
+    monkeypatch.setattr(sampling_module, "MAX_SURVIVORS", 16)
+    gen = torch.Generator().manual_seed(5)
+    batch, vocab = 6, 700
+    logits = make_logits(batch, vocab, gen)
+    logits[3] = torch.randint(-2, 3, (vocab,), generator=gen).float()  # ~140 ties at the top value
+    logits[4, 100:] = float("-inf")  # more survivors than k: none banned among the first 100
+    params = (
+        torch.tensor([0.8, 1.0, 0.7, 1.0, 0.9, 1.0]),
+        torch.tensor([5, 16, 12, 3, 8, 17], dtype=torch.int32),  # row 5: k above the buffer
+        torch.tensor([0.9, 1.0, 0.8, 1.0, 0.7, 0.9]),
+        torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.05]),
+        torch.arange(batch, dtype=torch.int64) * 13, torch.full((batch,), 2, dtype=torch.int64),
+        torch.zeros(batch, dtype=torch.bool),
+    )
+    assert_triton_matches_reference(logits, params, split=1)
+    _, _, passes = sample_triton(logits, *params, return_passes=True, split=1)
+    compacted = [0, 1, 2, 4]
+    assert all(passes[r] < 10.3 for r in compacted), passes  # 1 + 8 (top-k) + 1 (copy) + the buffer
+    assert passes[3] > 11 and passes[5] > 10.4, passes  # the row again: total and pick (and top-p)
 
 
 def hf_filters(logits, temperature, top_k, top_p, min_p):

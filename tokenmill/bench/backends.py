@@ -379,7 +379,8 @@ def run_llamacpp(gguf_path: str | None, requests: list[BenchRequest], spec: Deco
         return skipped(name, spec.name, reason)
     from llama_cpp import Llama
 
-    n_ctx = max(r.prompt_len + r.output_len for r in requests) + 8
+    longest = max(r.prompt_len + r.output_len for r in requests)
+    n_ctx = max(longest, WARMUP_PROMPT_LEN + WARMUP_OUTPUT_LEN if warmup else 0) + 8
     llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=num_threads, n_threads_batch=num_threads,
                 n_batch=512, verbose=False)
 

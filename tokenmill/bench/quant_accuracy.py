@@ -63,11 +63,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def evaluate(model_path: str | None) -> dict[str, Any]:
+def evaluate(model_path: str | None, *, loaded: Any = None) -> dict[str, Any]:
+    """The report for `model_path` (None: the default model), or for `loaded` (a LoadedModel with a
+    chat template, e.g. a tiny model in tests) when given; the float32 model is never modified."""
     from tokenmill.engine.model_loader import load_model
     from tokenmill.engine.quantization import quantize_model
 
-    loaded = load_model(model_path, attn_implementation="sdpa")
+    if loaded is None:
+        loaded = load_model(model_path, attn_implementation="sdpa")
     reference = [greedy_tokens(loaded.model, loaded.tokenizer, p) for p in PROMPTS]
     report: dict[str, Any] = {"prompts": list(PROMPTS), "num_tokens": NUM_TOKENS, "modes": {}}
     for mode in MODES:
