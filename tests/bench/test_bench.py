@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import math
 import socket
-import threading
-import time
 
 import pytest
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
+from tests.bench.stub_openai import StubServer, stub_app
 from tokenmill.bench import backends
 from tokenmill.bench import commands as bench
 from tokenmill.bench.backends import continuous_batching_config
@@ -26,39 +21,6 @@ STUB_CHUNK_DELAY_S = 0.002
 
 
 # ------------------------------------------------------------------ a stub OpenAI-compatible server
-def _stub_app() -> FastAPI:
-    app = FastAPI()
-    seen: list[dict] = []
-    app.state.seen = seen
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": "stub-model", "object": "model"}]}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await request.json()
-        seen.append(body)
-        if body.get("model") != "stub-model":
-            return JSONResponse({"error": {"message": "unknown model"}}, status_code=404)
-        n = int(body["max_tokens"])
-        prompt = body["prompt"]
-        num_prompt = len(prompt) if isinstance(prompt, list) else len(prompt.split())
-
-        async def stream():
-            for i in range(n):
-                await asyncio.sleep(STUB_CHUNK_DELAY_S)
-                chunk = {"id": "c", "object": "text_completion", "choices": [{"index": 0, "text": f" t{i}"}]}
-                yield f"data: {json.dumps(chunk)}\n\n"
-            usage = {"prompt_tokens": num_prompt, "completion_tokens": n, "total_tokens": num_prompt + n}
-            yield f"data: {json.dumps({'id': 'c', 'choices': [], 'usage': usage})}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
-
-    return app
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,19 +29,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def stub_server():
-    app = _stub_app()
+    app = stub_app(chunk_delay_s=STUB_CHUNK_DELAY_S)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("stub server did not start")
-        time.sleep(0.02)
+    server = StubServer(app, port)
     yield f"http://127.0.0.1:{port}", app.state.seen
-    server.should_exit = True
-    thread.join(timeout=10)
+    server.stop()
 
 
 def _parser(add) -> argparse.ArgumentParser:

@@ -7,74 +7,28 @@ the replica count, so the report's throughput and TTFT differ per replica count 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
 import socket
-import threading
-import time
 
 import pytest
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 
+from tests.bench.stub_openai import StubServer, stub_app
 from tokenmill.bench import commands as bench
 from tokenmill.bench import replica_scaling
 
 ONE_REPLICA_CHUNK_DELAY_S = 0.04  # per streamed token with one replica; R replicas wait 1/R of it
 
 
-def _scaling_stub_app(num_replicas: int) -> FastAPI:
-    app = FastAPI()
-    delay_s = ONE_REPLICA_CHUNK_DELAY_S / num_replicas
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": f"stub-{num_replicas}", "object": "model"}]}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await request.json()
-        n = int(body["max_tokens"])
-        prompt = body["prompt"]
-        num_prompt = len(prompt) if isinstance(prompt, list) else len(prompt.split())
-
-        async def stream():
-            for i in range(n):
-                await asyncio.sleep(delay_s)
-                chunk = {"id": "c", "object": "text_completion", "choices": [{"index": 0, "text": f" t{i}"}]}
-                yield f"data: {json.dumps(chunk)}\n\n"
-            usage = {"prompt_tokens": num_prompt, "completion_tokens": n, "total_tokens": num_prompt + n}
-            yield f"data: {json.dumps({'id': 'c', 'choices': [], 'usage': usage})}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
-
-    return app
-
-
-class _StubServer:
-    """Stands in for the `tokenmill serve` Popen: `pid` is this process, so `tree_cpu_s` still measures something."""
+class _StubServer(StubServer):
+    """Stands in for the `tokenmill serve` Popen: `pid` is this process, so `tree_cpu_s` still measures
+    something; R replicas stream R times faster."""
 
     def __init__(self, num_replicas: int, port: int):
         self.num_replicas = num_replicas
         self.pid = os.getpid()
-        self.server = uvicorn.Server(uvicorn.Config(_scaling_stub_app(num_replicas), host="127.0.0.1", port=port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError(f"stub server for {num_replicas} replica(s) did not start on port {port}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        assert not self.thread.is_alive()
+        super().__init__(stub_app(f"stub-{num_replicas}", ONE_REPLICA_CHUNK_DELAY_S / num_replicas), port)
 
 
 def _free_port() -> int:
