@@ -43,6 +43,8 @@ def wants_prompt_logprobs(group: SequenceGroup) -> bool:
 def _plan(batch: ScheduledBatch) -> list[_Span]:
     spans: list[_Span] = []
     owner = {g.seqs[0].seq_id: g for g in batch.groups if wants_prompt_logprobs(g) and g.seqs}
+    if not owner:  # the common step: nobody asked, no walk over the batch's sequences
+        return spans
     flat = 0
     for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
         group = owner.get(seq.seq_id)
