@@ -174,12 +174,12 @@ class AsyncLLMEngine:
             raise
         return cls(connections, config)
 
-    def replace_core(self, index: int, address: str) -> None:
+    def replace_core(self, index: int, address: str, connect_timeout_s: float = 60.0) -> None:
         """Connect to the replacement of a dead core (`index` into `cores`)."""
         old = self.cores[index]
         if old.is_alive:
             raise RuntimeError(f"core {index} at {old.address} is alive: nothing to replace")
-        self.cores[index] = CoreConnection(address, token=self.config.core_token)
+        self.cores[index] = CoreConnection(address, token=self.config.core_token, connect_timeout_s=connect_timeout_s)
 
     # ------------------------------------------------------------------ public API
     @property

@@ -337,6 +337,7 @@ def _sample_kernel(
     idx_ptr = survivor_idx_ptr + row * SURVIVORS
     n_compact = tl.where((n_top_k > 0) & (top_k <= SURVIVORS), V, 0)
     count, read_c = _compact_survivors(row_ptr, V, n_compact, temp, t_k, vals_ptr, idx_ptr, SURVIVORS, BLOCK)
+    tl.debug_barrier()  # every thread's survivor stores land before any thread reads the buffer
     compact = (n_compact > 0) & (count <= SURVIVORS)
     src_ptr = tl.where(compact, vals_ptr, row_ptr)
     n = tl.where(compact, count, V)

@@ -166,8 +166,13 @@ class LLMServer:
             except Exception:  # noqa: BLE001 - the replacement is not up yet; /health answers 503 meanwhile
                 continue
             # A live core answered: its replacement, or the same core when only this side's
-            # connection failed. Either way, connect again.
-            await asyncio.to_thread(self.engine.replace_core, index, address)
+            # connection failed. Either way, connect again (within the health check's own time limit).
+            try:
+                await asyncio.to_thread(self.engine.replace_core, index, address, 5.0)
+            except Exception as exc:  # noqa: BLE001 - it died meanwhile: try again at the next check
+                logger.warning("API replica %s: could not connect to the engine core %s: %s", self.replica_id,
+                               core_id, exc)
+                continue
             logger.info("API replica %s: connected to the engine core %s", self.replica_id, core_id)
 
     async def generate_tokens(self, request: Any) -> dict[str, Any]:

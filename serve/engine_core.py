@@ -32,6 +32,19 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 200  # how often an idle loop looks at its stop flag
 
 
+def _parse(frames: list[bytes]) -> tuple[bytes, list[Any]] | None:
+    """(client identity, message) of a ROUTER frame pair, or None when it is not one."""
+    if len(frames) != 2:
+        return None
+    try:
+        message = unpack(frames[1])
+    except Exception:  # noqa: BLE001 - garbage from whoever reached the socket
+        return None
+    if not isinstance(message, list) or not message or not isinstance(message[0], str):
+        return None
+    return frames[0], message
+
+
 class EngineUnhealthyError(RuntimeError):
     """The engine reports it cannot run any more: the core ends, and its supervisor replaces it."""
 
@@ -130,44 +143,53 @@ class EngineCore:
     def _refuse_newcomers(self, reason: str) -> None:
         """A client whose hello is still queued gets the reason instead of waiting for a welcome."""
         while self.socket.poll(0):
-            client, payload = self.socket.recv_multipart()
-            if unpack(payload)[0] == "hello" and client not in self._clients:
-                self._send_to(client, ["dead", reason])
+            parsed = _parse(self.socket.recv_multipart())
+            if parsed is not None and parsed[1][0] == "hello" and parsed[0] not in self._clients:
+                self._send_to(parsed[0], ["dead", reason])
 
     def _receive(self, timeout_ms: int, replies: dict[bytes, _Reply]) -> bool:
-        """Apply every queued message; True if any arrived."""
+        """Apply every queued message; True if any arrived. A malformed message is dropped: whoever
+        can reach the socket must not be able to stop the loop."""
         if not self.socket.poll(timeout_ms):
             return False
         while True:
             try:
-                client, payload = self.socket.recv_multipart(zmq.NOBLOCK)
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return True
-            message = unpack(payload)
-            kind = message[0]
-            if kind == "hello":
-                self._hello(client, message)
-            elif client not in self._clients:  # never welcomed (or dropped): its requests are refused
-                if kind == "add":
-                    self._refuse(client, message[1], "this client is not connected to the engine core "
-                                 "(no accepted hello); connect again")
-            elif kind == "add":
-                self._add(client, message, replies[client])
-            elif kind == "abort":
-                self._abort(message[1])
+            parsed = _parse(frames)
+            if parsed is None:
+                logger.warning("engine core: dropped a message that is not [identity, msgpack list]")
+                continue
+            client, message = parsed
+            try:
+                self._dispatch(client, message, replies)
+            except Exception:  # noqa: BLE001 - the message's fault (wrong fields), not the engine's
+                logger.warning("engine core: dropped a malformed %r message", message[0], exc_info=True)
+
+    def _dispatch(self, client: bytes, message: list[Any], replies: dict[bytes, _Reply]) -> None:
+        kind = message[0]
+        if kind == "hello":
+            self._hello(client, message)
+        elif client not in self._clients:  # never welcomed, or dropped: it must connect again
+            if kind == "add":
+                self._send_to(client, ["dead", "this client is not connected to the engine core (no accepted "
+                                               "hello); connect again"])
+        elif kind == "add":
+            self._add(client, message, replies[client])
+        elif kind == "abort":
+            self._abort(list(message[1]))
 
     def _hello(self, client: bytes, message: list[Any]) -> None:
         token = message[1] if len(message) > 1 else None
-        if self._token is not None and not (isinstance(token, str) and hmac.compare_digest(token, self._token)):
+        if self._token is not None and not (
+            isinstance(token, str) and hmac.compare_digest(token.encode(), self._token.encode())
+        ):
             logger.warning("engine core: refused a client with a wrong or missing token")
             self._send_to(client, ["refused", "wrong or missing core token"])
             return
         self._clients.add(client)
         self._send_to(client, ["welcome", pickle.dumps(self.info())])
-
-    def _refuse(self, client: bytes, request_id: Any, reason: str) -> None:
-        stats = asdict(self.engine.get_stats())
-        self._send_to(client, ["step", [], [], [[request_id, "internal", reason]], stats])
 
     def _add(self, client: bytes, message: list[Any], reply: _Reply) -> None:
         _, request_id, prompt_token_ids, fields = message

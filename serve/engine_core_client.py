@@ -84,6 +84,8 @@ class CoreConnection:
             raise EngineDeadError(f"the engine core at {self.address} did not answer within {timeout_s} s")
         message = unpack(self.socket.recv())
         if message[0] != "welcome":
+            self.socket.close()
+            self.monitor.close()
             raise EngineDeadError(f"the engine core at {self.address} answered {message[0]!r}: {message[1:]!r}")
         return pickle.loads(message[1])
 

@@ -96,6 +96,19 @@ def test_engine_rejects_model_quantized_otherwise() -> None:
         LLM(loaded=loaded, quantization="int8")
 
 
+def test_int8_model_passed_in_runs_where_its_weights_are(monkeypatch) -> None:
+    """On a machine with CUDA, an int8 model on the CPU passed as `loaded` runs eager there: the
+    compiled-forward refusal looks at the weights' device, not at device='auto'."""
+    loaded, ref = tiny_pair("llama")
+    quantize_model(loaded.model, "int8")
+    quantize_model(ref, "int8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    llm = LLM(loaded=loaded, quantization="int8")
+    prompt = random_prompts([6], seed=1)[0]
+    out = llm.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert out[0].outputs[0].token_ids == hf_greedy(ref, prompt, 4)
+
+
 def test_engine_rejects_quantization_it_cannot_run_before_loading_anything() -> None:
     loaded, _ = tiny_pair("llama")
     quantize_model(loaded.model, "int8")

@@ -155,6 +155,7 @@ def test_a_vanished_client_has_its_requests_aborted_at_the_core(loaded_model):
 # ---------------------------------------------------------------------- a core in its own process
 def start_core_process() -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("TOKENMILL_CORE_TOKEN", None)  # the test's clients say no token
     process = subprocess.Popen(
         [sys.executable, "-m", "tokenmill.serve.engine_core", "--max-model-len", "256", "--max-num-seqs", "8",
          "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -223,11 +224,19 @@ def test_a_core_with_a_token_serves_only_clients_that_know_it(loaded_model):
         intruder = zmq.Context.instance().socket(zmq.DEALER)
         intruder.setsockopt(zmq.LINGER, 0)
         intruder.connect(core.address)
+        # Garbage, a frame too many, a non-ASCII token, a hello-less abort: dropped or refused, and
+        # the core lives on.
+        intruder.send(b"\xc1 not msgpack")
+        intruder.send_multipart([b"a", b"b"])
+        intruder.send(pack(["abort", 5]))
+        intruder.send(pack(["hello", "\u00e9t\u00e9"]))
+        assert intruder.poll(10_000) and unpack(intruder.recv())[0] == "refused"
         intruder.send(pack(["add", "sneaky", [1, 2, 3], {}]))
         assert intruder.poll(10_000)
-        kind, _, _, rejected, _ = unpack(intruder.recv())
-        assert kind == "step" and rejected[0][0] == "sneaky" and "not connected" in rejected[0][2]
+        kind, reason = unpack(intruder.recv())
+        assert kind == "dead" and "not connected" in reason  # the client side ends that connection
         intruder.close()
+        assert core.is_alive
         assert core.engine.get_stats().num_running == core.engine.get_stats().num_waiting == 0
 
         front = AsyncLLMEngine.connect([core.address], AsyncEngineConfig(core_token="s3cret"))

@@ -63,9 +63,13 @@ class FakeAsyncEngine:
     def __init__(self, connection: FakeConnection) -> None:
         self.cores = [connection]
         self.replaced: list[tuple[int, str]] = []
+        self.fail_next = False
 
-    def replace_core(self, index: int, address: str) -> None:
+    def replace_core(self, index: int, address: str, connect_timeout_s: float = 60.0) -> None:
         self.replaced.append((index, address))
+        if self.fail_next:  # the core died between answering its address and the handshake
+            self.fail_next = False
+            raise RuntimeError("the engine core answered 'dead'")
         self.cores[index] = FakeConnection(True)
 
 
@@ -108,3 +112,12 @@ def test_an_api_replica_waits_while_its_core_is_dead_and_never_fails_its_own_che
     server.core_handles[0].core_id = "core-2"  # the replacement is up
     asyncio.run(server.check_health())
     assert server.engine.replaced == [(0, "tcp://10.0.0.1:5555")]
+
+
+def test_an_api_replica_check_survives_a_core_that_dies_during_the_reconnect():
+    server = api_replica(FakeConnection(is_alive=False), FakeCoreHandle("core-1"))
+    server.engine.fail_next = True
+    asyncio.run(server.check_health())  # no exception: the next check tries again
+    assert not server.engine.cores[0].is_alive
+    asyncio.run(server.check_health())
+    assert server.engine.cores[0].is_alive and len(server.engine.replaced) == 2
