@@ -39,8 +39,9 @@ class ExecutorDeadError(RuntimeError):
 
 class RayTPExecutor:
     def __init__(self, parallel: ParallelConfig, cache: CacheConfig, *, model_source: Any, device: torch.device,
-                 dtype: torch.dtype, model_config: Any, max_num_batched_tokens: int,
-                 max_model_len: int | None = None) -> None:
+                 dtype: torch.dtype, model_config: Any, runner_options: dict[str, Any]) -> None:
+        """`runner_options`: each rank's ModelRunner keywords (max_num_seqs, max_num_batched_tokens,
+        max_model_len, enforce_eager)."""
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group  # noqa: F401
 
@@ -60,7 +61,7 @@ class RayTPExecutor:
             self.owns_ray = True
         try:
             self._start_workers(device, dtype)
-            self.num_blocks = self._load(model_source, device, dtype, cache, max_num_batched_tokens, max_model_len)
+            self.num_blocks = self._load(model_source, device, dtype, cache, runner_options)
             self.set_step_messages("graph" if device.type == "cuda" else "tasks")
         except BaseException:
             self.shutdown()
@@ -104,18 +105,20 @@ class RayTPExecutor:
                    for w in self.workers], self.parallel.startup_timeout_s)
         self.worker_pids = self._get([w.pid.remote() for w in self.workers], self.parallel.startup_timeout_s)
 
-    def _load(self, source: Any, device: torch.device, dtype: torch.dtype, cache: CacheConfig, max_tokens: int,
-              max_model_len: int | None) -> int:
+    def _load(self, source: Any, device: torch.device, dtype: torch.dtype, cache: CacheConfig,
+              runner_options: dict[str, Any]) -> int:
         import ray
 
         if not isinstance(source, str):
             source = ray.put(source)  # one copy in the object store, read by every rank
         worker_device = "cuda" if device.type == "cuda" else "cpu"
-        blocks = self._get([w.load_model.remote(source, worker_device, dtype, cache, max_tokens, max_model_len)
+        blocks = self._get([w.load_model.remote(source, worker_device, dtype, cache, runner_options)
                             for w in self.workers], self.parallel.startup_timeout_s)
         num_blocks = min(blocks)
         if num_blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache on some rank (blocks per rank: {blocks})")
+        # Every rank at once: with CUDA graphs on, each captures its decode graphs, whose
+        # all-reduces the others must join.
         self._get([w.init_cache.remote(num_blocks, cache.block_size) for w in self.workers],
                   self.parallel.startup_timeout_s)
         return num_blocks
@@ -241,7 +244,8 @@ class RayTPExecutor:
             self.owns_ray = False
 
 
-def make_executor(config: Any, loaded: Any, device: torch.device, dtype: torch.dtype, scheduler: Any) -> RayTPExecutor:
+def make_executor(config: Any, loaded: Any, device: torch.device, dtype: torch.dtype, scheduler: Any,
+                  enforce_eager: bool) -> RayTPExecutor:
     """The executor for an engine config with tensor_parallel_size > 1.
 
     Each rank loads the model's folder itself when there is one (a converted GGUF model has one in the
@@ -252,5 +256,7 @@ def make_executor(config: Any, loaded: Any, device: torch.device, dtype: torch.d
     path = loaded.model_path
     source: Any = path if path and (Path(path) / "config.json").is_file() else loaded.model
     return RayTPExecutor(config.parallel, config.cache, model_source=source, device=device, dtype=dtype,
-                         model_config=loaded.model.config, max_num_batched_tokens=scheduler.max_num_batched_tokens,
-                         max_model_len=scheduler.max_model_len)
+                         model_config=loaded.model.config,
+                         runner_options=dict(max_num_seqs=scheduler.max_num_seqs,
+                                             max_num_batched_tokens=scheduler.max_num_batched_tokens,
+                                             max_model_len=scheduler.max_model_len, enforce_eager=enforce_eager))

@@ -103,7 +103,10 @@ class LLMEngine:
 
         self.enforce_eager = resolve_enforce_eager(config.enforce_eager, device)
         if tensor_parallel:
-            self.runner = make_executor(config, loaded, device, dtype, self.scheduler_config)
+            # The ranks run eager unless asked: their compiled forward traces the all-reduces, but
+            # CUDA graphs of NCCL ranks have not run on a GPU here yet (README, Limitations).
+            self.enforce_eager = config.enforce_eager is not False
+            self.runner = make_executor(config, loaded, device, dtype, self.scheduler_config, self.enforce_eager)
             num_blocks = self.runner.num_blocks  # the least any rank can hold
         else:
             num_blocks = self._num_kv_blocks(config.cache, device, dtype)

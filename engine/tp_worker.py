@@ -31,6 +31,7 @@ class TPWorker:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.runner: ModelRunner | None = None
+        self.runner_options: dict[str, Any] = {}
         self.model: torch.nn.Module | None = None
         self.last_forward_s = 0.0
 
@@ -55,8 +56,7 @@ class TPWorker:
         dist.init_process_group(backend, init_method=f"tcp://{address}", rank=self.rank,
                                 world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
 
-    def load_model(self, source: Any, device: str, dtype: torch.dtype, cache: Any, max_num_batched_tokens: int,
-                   max_model_len: int | None = None) -> int:
+    def load_model(self, source: Any, device: str, dtype: torch.dtype, cache: Any, runner_options: dict[str, Any]) -> int:
         """Load (a folder path) or receive (a module) the whole model, keep this rank's shard.
 
         Returns the number of KV blocks this rank can hold.
@@ -72,28 +72,32 @@ class TPWorker:
         if getattr(model.config, "_attn_implementation", None) != attn:
             model.set_attn_implementation(attn)
         self.model = model.to(device).eval()
-        return self._num_kv_blocks(cache, torch.device(device), dtype, max_num_batched_tokens, max_model_len)
+        self.runner_options = runner_options  # ModelRunner keywords, the driver's own
+        return self._num_kv_blocks(cache, torch.device(device), dtype)
 
-    def _num_kv_blocks(self, cache: Any, device: torch.device, dtype: torch.dtype, max_tokens: int,
-                       max_model_len: int | None) -> int:
+    def _num_kv_blocks(self, cache: Any, device: torch.device, dtype: torch.dtype) -> int:
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
         per_block = kv_bytes_per_block(self.model.config, cache.block_size, dtype)  # this rank's heads only
         if device.type != "cuda":
             # On the CPU the ranks share host memory: the engine's budget is split between them.
             return max(1, cache.kv_cache_memory_bytes // self.world_size // per_block)
-        probe = ModelRunner(self.model, num_blocks=-(-max_tokens // cache.block_size), block_size=cache.block_size)
+        max_tokens = self.runner_options["max_num_batched_tokens"]
+        probe = ModelRunner(self.model, num_blocks=-(-max_tokens // cache.block_size), block_size=cache.block_size,
+                            **self.runner_options)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        probe.profile_run(max_tokens, max_model_len)
+        probe.profile_run(max_tokens, self.runner_options["max_model_len"])
         peak = torch.cuda.max_memory_allocated(device) - sum(c.numel() * c.element_size() for c in probe.k_caches) * 2
+        peak += probe.profile_graph_memory()  # every rank captures at once: its all-reduces meet
         del probe
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(device).total_memory
         return max(0, int(total * cache.gpu_memory_utilization) - peak) // per_block
 
     def init_cache(self, num_blocks: int, block_size: int) -> None:
-        self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size)
+        self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size, **self.runner_options)
+        self.runner.capture_graphs()  # CUDA and not enforce_eager only
 
     # ------------------------------------------------------------------ the step
     def execute(self, inputs: StepInputs) -> tuple[torch.Tensor | None, float]:

@@ -82,6 +82,24 @@ def test_tp2_chunked_prefill_matches_tp1():
         double.shutdown()
 
 
+def test_tp2_ranks_through_the_compiled_forward_match_tp1(engines):
+    """enforce_eager=False: each rank's decode steps run the compiled forward (inductor here; on CUDA
+    CUDA graphs on top), the all-reduces and the vocabulary all-gather traced into the graph."""
+    single, _ = engines
+    prompts = random_prompts([5, 12, 8], seed=9)
+    params = [SamplingParams(max_new_tokens=6)] * 3
+    compiled = make_engine(2, enforce_eager=False)
+    try:
+        assert generate(compiled, prompts, params) == generate(single, prompts, params)
+        stats = ray.get([w.__ray_call__.remote(
+            lambda w: (w.runner.decode_graphs is not None,
+                       __import__("torch")._dynamo.utils.counters["stats"]["unique_graphs"]))
+            for w in compiled.runner.workers])
+        assert all(has_graphs and graphs >= 1 for has_graphs, graphs in stats), stats
+    finally:
+        compiled.shutdown()
+
+
 def test_tp2_sampling_seeded_and_batch_invariant(engines):
     single, double = engines
     seeded = SamplingParams(do_sample=True, temperature=0.9, top_k=0, seed=1234, max_new_tokens=12)
