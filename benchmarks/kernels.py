@@ -115,6 +115,9 @@ def sampling_case(op, batch, vocab, device, split=None):
     return {
         # The filters hint as the engine's sampler passes it (pure sampling skips both selects).
         "triton": lambda: sample_triton(logits, *params, split=split, filters=(top_k > 0, top_p < 1.0)),
+        # One program per row whatever the batch: timed beside a split row (small batches), so that a
+        # GPU run shows which of the two a batch size should take.
+        "triton_one_program": lambda: sample_triton(logits, *params, split=1, filters=(top_k > 0, top_p < 1.0)),
         "torch": (lambda: greedy_argmax(logits)) if greedy else (lambda: sample_reference(logits, *params)),
         "hf": hf,
     }
@@ -312,6 +315,11 @@ def main() -> None:
                     extra = {"programs_per_row": programs, "passes": passes, "kernel_bytes_per_row": row_bytes,
                              "gb_per_s": gb_per_s}
                     line += f" {programs:>5} {passes:>7.2f} {row_bytes / 1e6:>7.2f} {gb_per_s:>7.1f}"
+                    if on_gpu and programs > 1:  # the same rows with one program each, for the split policy
+                        one = time_ms(fns["triton_one_program"], device, warmup, iters)
+                        extra.update(triton_one_program_ms=one,
+                                     one_program_passes=kernel_passes(op, vocab, device, 1))
+                        line += f"  one program: {one:.4f} ms ({times['triton'] / one:.2f}x of split)"
                 print(line, flush=True)
                 results.append({"op": op, "batch": batch, "vocab": vocab,
                                 **{f"{name}_ms": value for name, value in times.items()}, **extra})
