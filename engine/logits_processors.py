@@ -22,13 +22,14 @@ attribute reads: the common greedy batch does no tensor work at all.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from tokenmill.engine.device_copy import host_to_device, to_device, to_device_rows
 from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.engine.token_history import TokenHistory, padded_histories
 from tokenmill.kernels.ngram import ban_ngrams
 from tokenmill.kernels.penalties import apply_penalties
 from tokenmill.kernels.sampling import apply_sampling_filters
@@ -48,6 +49,8 @@ class RowInput:
     token_ids: Sequence[int]  # the whole history: prompt then generated tokens
     num_prompt_tokens: int
     eos_token_ids: tuple[int, ...] = ()
+    # The history as int64, kept up to date step by step (the row lives as long as its sequence).
+    history: TokenHistory = field(default_factory=TokenHistory, compare=False, repr=False)
 
     @property
     def num_generated_tokens(self) -> int:
@@ -208,9 +211,8 @@ def apply_processors(logits: torch.Tensor, rows: Sequence[RowInput]) -> torch.Te
     device = logits.device
     sub_rows = [rows[i] for i in row_ids]
     needs_history = [uses_penalties(r.params) or r.params.no_repeat_ngram_size > 0 for r in sub_rows]
-    histories = [r.token_ids if need else () for r, need in zip(sub_rows, needs_history)]
-    width = max(len(h) for h in histories)
-    token_ids = host_to_device(_padded(histories, width, torch.int64, -1), device)  # [num_sub, max_len]
+    histories = [r.history.array(r.token_ids) if need else () for r, need in zip(sub_rows, needs_history)]
+    token_ids = host_to_device(padded_histories(histories), device)  # [num_sub, max_len]
     seq_lens = to_device([len(h) for h in histories], torch.int32, device)  # [num_sub]
 
     if penalty_rows:
