@@ -1,6 +1,7 @@
 """Next tokens for the non-beam rows of a step: processors -> warpers/filters -> draw (kernels).
 
 Greedy rows take an argmax; sampled rows go through the sampling kernel (the torch path on the CPU).
+`logits` is the step's own tensor: when the rows are all of it, in order, it is processed in place.
 A batch that mixes both runs each kind once, and the ids and log-probs come to the host in one copy,
 started without waiting: the host waits for it only when it reads the ids.
 """
@@ -72,11 +73,17 @@ def _rows_index(row_ids: list[int], num_rows: int, device) -> torch.Tensor | Non
 
 
 class Sampler:
+    @torch.inference_mode()  # the runner's logits are inference tensors: processed in place here
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
         device = logits.device
         num_rows = len(rows)
-        index = to_device([r.logits_index for r in rows], torch.int64, device)
-        x = logits.index_select(0, index)  # [num_rows, vocab], a copy the processors may change in place
+        if num_rows == logits.shape[0] and all(r.logits_index == i for i, r in enumerate(rows)):
+            # Every row in order (the common step): the processors work on the step's own logits
+            # in place, which the runner made for this step alone; no [rows, vocab] copy.
+            x = logits
+        else:
+            index = to_device([r.logits_index for r in rows], torch.int64, device)
+            x = logits.index_select(0, index)  # [num_rows, vocab], a copy the processors may change in place
         x = apply_processors(x, [r.row for r in rows])
 
         greedy_ids = [i for i, r in enumerate(rows) if not r.row.params.do_sample]

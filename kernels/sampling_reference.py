@@ -32,9 +32,12 @@ def _scratch(name: str, shape: tuple[int, int], dtype: torch.dtype, device: torc
     buffers = getattr(_WORKSPACE, "buffers", None)
     if buffers is None:
         buffers = _WORKSPACE.buffers = {}
-    buffer = buffers.get(name)
+    # One buffer per inference-mode state: a buffer made under inference_mode (the engine's sampler)
+    # may not be written outside it.
+    key = (name, torch.is_inference_mode_enabled())
+    buffer = buffers.get(key)
     if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
-        buffer = buffers[name] = torch.empty(numel, dtype=dtype)
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype)
     return buffer[:numel].view(shape)
 
 

@@ -95,15 +95,17 @@ def test_top_k_top_p_rows_draw_what_the_full_sort_draws(monkeypatch):
     monkeypatch.setattr(sampler_module, "sample", spy)
     out = Sampler()(logits, make_rows(kinds, seed=7))
     (x, args), = calls
-    tokens, logprobs = sample_reference(x, *args, full_sort_top_p=True)
+    with torch.inference_mode():  # the sampler's tensors are inference tensors
+        tokens, logprobs = sample_reference(x, *args, full_sort_top_p=True)
     sampled = [i for i, kind in enumerate(kinds) if kind != "greedy"]
     assert [out.token_ids[i] for i in sampled] == tokens.tolist()
     assert [out.logprobs[i] for i in sampled] == logprobs.tolist()
 
 
-def test_sampled_rows_take_three_host_to_device_copies(monkeypatch):
-    """Each host-to-device copy of small values costs host time on CUDA: the sampled rows'
-    six parameters go over packed in two copies, after the one for the logits index."""
+def test_sampled_rows_take_two_host_to_device_copies(monkeypatch):
+    """Each host-to-device copy of small values costs host time on CUDA: the sampled rows' six
+    parameters go over packed in two copies; rows that are the whole logits, in order, need no
+    index (nor a copy of the logits)."""
     import tokenmill.engine.device_copy as device_copy
 
     copies = []
@@ -119,7 +121,7 @@ def test_sampled_rows_take_three_host_to_device_copies(monkeypatch):
     logits = torch.randn(len(kinds), VOCAB, generator=torch.Generator().manual_seed(3)) * 2
     rows = make_rows(kinds)
     out = Sampler()(logits, rows)
-    assert copies == [torch.int64, torch.float32, torch.int64]
+    assert copies == [torch.float32, torch.int64]
     # The packed columns reach the kernel as they were given: same draws as one tensor per column.
     expected, _ = sample_reference(
         logits,
@@ -142,3 +144,19 @@ def test_to_device_rows_packs_columns_into_contiguous_rows():
     assert a.is_contiguous() and b.is_contiguous() and a.dtype == torch.float32
     (empty,) = to_device_rows(([],), torch.int64, "cpu")
     assert empty.shape == (0,)
+
+
+def test_rows_that_are_not_the_whole_logits_in_order_are_gathered_first():
+    """A sub-batch or another order (beams, prompt-score rows beside the sampled ones): the sampler
+    gathers its rows and leaves the step's logits as they were."""
+    kinds = ["top_k", "greedy", "pure"]
+    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(4)) * 2
+    before = logits.clone()
+    rows = make_rows(kinds)
+    for row, index in zip(rows, (3, 0, 4)):
+        row.logits_index = index
+    out = Sampler()(logits, rows)
+    assert torch.equal(logits, before)
+    in_order = make_rows(kinds)
+    expected = Sampler()(logits[[3, 0, 4]].clone(), in_order)
+    assert out.token_ids == expected.token_ids
