@@ -19,6 +19,9 @@ from typing import Any
 import torch
 
 PROMPTS = (
+    # The walkthrough prompts of the decoding parity suite, then four chat prompts.
+    "I enjoy walking with my cute dog",
+    "The history of the printing press",
     "The capital of France is",
     "Write a short poem about the sea.",
     "def fibonacci(n):",
