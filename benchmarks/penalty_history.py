@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from tokenmill.engine.token_history import TokenHistory, padded_histories
+from tokenmill.engine.token_history import TokenHistory, padded_rows
 
 
 def converted_whole(rows: list[list[int]]) -> torch.Tensor:
@@ -45,7 +45,7 @@ def main() -> None:
         before = converted_whole(rows)
         whole += time.process_time() - start
         start = time.process_time()
-        after = padded_histories([h.array(ids) for h, ids in zip(histories, rows)])
+        after = padded_rows([h.array(ids) for h, ids in zip(histories, rows)])
         incremental += time.process_time() - start
         assert torch.equal(before, after)
     print(f"{args.num_rows} rows of {args.min_len}..{args.max_len} tokens, one new token each per step, "

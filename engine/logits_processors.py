@@ -25,11 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from tokenmill.engine.device_copy import host_to_device, to_device, to_device_rows
 from tokenmill.engine.sampling_params import SamplingParams
-from tokenmill.engine.token_history import TokenHistory, padded_histories
+from tokenmill.engine.token_history import TokenHistory, padded_rows
 from tokenmill.kernels.ngram import ban_ngrams
 from tokenmill.kernels.penalties import apply_penalties
 from tokenmill.kernels.sampling import apply_sampling_filters
@@ -108,14 +109,6 @@ def banned_token_ids(row: RowInput, vocab_size: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- tensor helpers
-def _padded(lists: list[Sequence[int]], width: int, dtype: torch.dtype, fill: float | int) -> torch.Tensor:
-    out = torch.full((len(lists), max(width, 1)), fill, dtype=dtype)  # [num_rows, width]
-    for i, values in enumerate(lists):
-        if len(values):
-            out[i, : len(values)] = torch.as_tensor(values, dtype=dtype)
-    return out
-
-
 def _take_rows(logits: torch.Tensor, row_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The sub-batch `row_ids` (a view of all rows when it is the whole batch) and its index for write-back."""
     if len(row_ids) == logits.shape[0]:
@@ -153,7 +146,7 @@ def _run_penalties(
 
     banned_ids = None
     if any(banned_lists):
-        banned_ids = host_to_device(_padded(banned_lists, max(map(len, banned_lists)), torch.int64, -1), device)  # [num_rows, K]
+        banned_ids = host_to_device(padded_rows(banned_lists), device)  # [num_rows, K]
     bias_ids = bias_values = None
     biases = [r.params.logit_bias or {} for r in rows]
     if any(biases):
@@ -163,9 +156,8 @@ def _run_penalties(
                     raise ValueError(
                         f"SamplingParams.logit_bias holds token id {token_id}: allowed ids in [0, {vocab_size})"
                     )
-        width = max(map(len, biases))
-        bias_ids = host_to_device(_padded([list(b) for b in biases], width, torch.int64, -1), device)  # [num_rows, K2]
-        bias_values = host_to_device(_padded([list(b.values()) for b in biases], width, torch.float32, 0.0), device)
+        bias_ids = host_to_device(padded_rows([list(b) for b in biases]), device)  # [num_rows, K2]
+        bias_values = host_to_device(padded_rows([list(b.values()) for b in biases], 0.0, np.float32), device)
     return apply_penalties(
         logits,
         token_ids,
@@ -212,7 +204,7 @@ def apply_processors(logits: torch.Tensor, rows: Sequence[RowInput]) -> torch.Te
     sub_rows = [rows[i] for i in row_ids]
     needs_history = [uses_penalties(r.params) or r.params.no_repeat_ngram_size > 0 for r in sub_rows]
     histories = [r.history.array(r.token_ids) if need else () for r, need in zip(sub_rows, needs_history)]
-    token_ids = host_to_device(padded_histories(histories), device)  # [num_sub, max_len]
+    token_ids = host_to_device(padded_rows(histories), device)  # [num_sub, max_len]
     seq_lens = to_device([len(h) for h in histories], torch.int32, device)  # [num_sub]
 
     if penalty_rows:

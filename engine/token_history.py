@@ -39,10 +39,11 @@ class TokenHistory:
         return self._buffer[:n]
 
 
-def padded_histories(histories: list[np.ndarray], fill: int = -1) -> torch.Tensor:
-    """[len(histories), longest] int64 (at least one column), each row its history then `fill`."""
-    width = max((len(h) for h in histories), default=0)
-    out = np.full((len(histories), max(width, 1)), fill, dtype=np.int64)
-    for i, history in enumerate(histories):
-        out[i, : len(history)] = history
+def padded_rows(rows: Sequence[Sequence[float]], fill: float = -1, dtype: type = np.int64) -> torch.Tensor:
+    """[len(rows), longest] (at least one column), each row its values (a list or an array) then
+    `fill`: token histories, banned ids, logit biases."""
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), max(width, 1)), fill, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
     return torch.from_numpy(out)

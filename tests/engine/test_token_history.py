@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from tokenmill.engine.token_history import TokenHistory, padded_histories
+from tokenmill.engine.token_history import TokenHistory, padded_rows
 
 
 def test_history_follows_appends_and_tail_rewrites():
@@ -32,9 +32,9 @@ def test_history_follows_appends_and_tail_rewrites():
         assert got.dtype == np.int64 and got.tolist() == ids, step
 
 
-def test_padded_histories():
+def test_padded_rows():
     a, b = TokenHistory(), TokenHistory()
-    out = padded_histories([a.array([5, 6, 7]), (), b.array([9])])
+    out = padded_rows([a.array([5, 6, 7]), (), b.array([9])])
     assert out.dtype == torch.int64
     assert out.tolist() == [[5, 6, 7], [-1, -1, -1], [9, -1, -1]]
-    assert padded_histories([(), ()]).shape == (2, 1)
+    assert padded_rows([(), ()]).shape == (2, 1)
