@@ -18,8 +18,9 @@ the engine runs; hf: argmax). For each size they also print the passes the Trito
 over a row (measured by the kernel itself; on the CPU through the interpreter, on one row), the
 bytes it moves per row (passes x vocab x 4) and the GB/s that makes at the timed speed: the
 kernel's on CUDA, the torch path's on the CPU (there the bytes are one read of the logits, since
-the torch path is not the kernel). `progs` is the programs the kernel runs per row: small batches
-split a row across several (`--split 1` forces one program per row, to compare).
+the torch path is not the kernel). `progs` is the programs the kernel runs per row: one by default;
+on a GPU, small batches are also timed split over as many programs as fill the SMs (`split xN`),
+and `--split N` times N programs per row instead of the default.
 
 `top_p_sort` (not in the default grid) times the torch path on the CPU in CPU milliseconds (process
 time) for `sampling` rows: top-p taken among the top-k values, as the path does now, against sorting
@@ -51,7 +52,13 @@ from transformers.generation.logits_process import (
 
 from tokenmill.kernels.ngram import ban_ngrams_reference, ban_ngrams_triton
 from tokenmill.kernels.penalties import apply_penalties_reference, apply_penalties_triton
-from tokenmill.kernels.sampling import greedy_argmax, programs_per_row, sample_reference, sample_triton
+from tokenmill.kernels.sampling import (
+    gpu_filling_split,
+    greedy_argmax,
+    programs_per_row,
+    sample_reference,
+    sample_triton,
+)
 
 TOP_K, TOP_P, TEMPERATURE, NGRAM, REPETITION = 50, 0.9, 0.8, 3, 1.2
 
@@ -115,9 +122,10 @@ def sampling_case(op, batch, vocab, device, split=None):
     return {
         # The filters hint as the engine's sampler passes it (pure sampling skips both selects).
         "triton": lambda: sample_triton(logits, *params, split=split, filters=(top_k > 0, top_p < 1.0)),
-        # One program per row whatever the batch: timed beside a split row (small batches), so that a
-        # GPU run shows which of the two a batch size should take.
-        "triton_one_program": lambda: sample_triton(logits, *params, split=1, filters=(top_k > 0, top_p < 1.0)),
+        # Rows split over as many programs as fill the GPU (small batches): timed beside the default
+        # (one program per row), so that a GPU run shows which of the two a batch size should take.
+        "triton_split": lambda: sample_triton(logits, *params, split=gpu_filling_split(batch, vocab, logits.device),
+                                              filters=(top_k > 0, top_p < 1.0)),
         "torch": (lambda: greedy_argmax(logits)) if greedy else (lambda: sample_reference(logits, *params)),
         "hf": hf,
     }
@@ -251,7 +259,7 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip the HF baselines")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--split", type=int, default=None,
-                        help="sampling kernel programs per row (default: automatic, split at small batches)")
+                        help="sampling kernel programs per row (default: one)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
 
@@ -315,11 +323,12 @@ def main() -> None:
                     extra = {"programs_per_row": programs, "passes": passes, "kernel_bytes_per_row": row_bytes,
                              "gb_per_s": gb_per_s}
                     line += f" {programs:>5} {passes:>7.2f} {row_bytes / 1e6:>7.2f} {gb_per_s:>7.1f}"
-                    if on_gpu and programs > 1:  # the same rows with one program each, for the split policy
-                        one = time_ms(fns["triton_one_program"], device, warmup, iters)
-                        extra.update(triton_one_program_ms=one,
-                                     one_program_passes=kernel_passes(op, vocab, device, 1))
-                        line += f"  one program: {one:.4f} ms ({times['triton'] / one:.2f}x of split)"
+                    split = gpu_filling_split(batch, vocab, device)
+                    if on_gpu and args.split is None and split > 1:  # the same rows split, for the policy
+                        split_ms = time_ms(fns["triton_split"], device, warmup, iters)
+                        extra.update(triton_split_ms=split_ms, split_programs=split,
+                                     split_passes=kernel_passes(op, vocab, device, split))
+                        line += f"  split x{split}: {split_ms:.4f} ms ({split_ms / times['triton']:.2f}x of one program)"
                 print(line, flush=True)
                 results.append({"op": op, "batch": batch, "vocab": vocab,
                                 **{f"{name}_ms": value for name, value in times.items()}, **extra})

@@ -32,7 +32,8 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     max_waiting_requests: int | None = None  # bound on the waiting queue (None: unbounded)
     # Overlapped steps: schedule and run step N+1 before applying step N's sampled tokens (README).
-    async_scheduling: bool = False
+    # None: on for one CUDA device (measured faster there), off on the CPU and with tensor parallelism.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):

@@ -58,6 +58,16 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
     return dev, names[dtype]
 
 
+def resolve_async_scheduling(async_scheduling: bool | None, device: torch.device, tensor_parallel: bool) -> bool:
+    """None means the device's default: overlapped steps on one CUDA device, where the host builds
+    step N+1 while the GPU runs step N (1.16x the output tok/s of synchronous steps on the H200's
+    1B workload, BENCHMARKS.md); synchronous on the CPU, where host and forward share the cores and
+    nothing overlaps, and under tensor parallelism, which does not support overlap."""
+    if async_scheduling is None:
+        return device.type == "cuda" and not tensor_parallel
+    return bool(async_scheduling)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
@@ -68,7 +78,7 @@ class LLMEngine:
         check_quantization(config.model.quantization, device if loaded is None else None)
         tensor_parallel = config.parallel.tensor_parallel_size > 1
         if tensor_parallel and config.scheduler.async_scheduling:
-            raise ValueError("async_scheduling=True is invalid with tensor_parallel_size > 1: allowed False")
+            raise ValueError("async_scheduling=True is invalid with tensor_parallel_size > 1: allowed False or None")
         # A model passed in runs where its weights are (the runner follows them), not on `device`.
         run_device = device if loaded is None or tensor_parallel else next(loaded.model.parameters()).device
         check_quantization_fits(config.model.quantization, resolve_enforce_eager(config.enforce_eager, run_device),
@@ -98,7 +108,10 @@ class LLMEngine:
         self.generation_config = loaded.generation_config
         self.model_name = config.model.model or "SmolLM2-135M-Instruct"
         self.max_model_len = self._resolve_max_model_len(config, loaded)
-        self.scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
+        self.scheduler_config = dataclasses.replace(
+            config.scheduler, max_model_len=self.max_model_len,
+            async_scheduling=resolve_async_scheduling(config.scheduler.async_scheduling, device, tensor_parallel),
+        )
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
 
         self.enforce_eager = resolve_enforce_eager(config.enforce_eager, device)
@@ -147,7 +160,7 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         max_waiting_requests: int | None = None,
-        async_scheduling: bool = False,
+        async_scheduling: bool | None = None,
         kv_cache_memory_bytes: int = 512 * 1024**2,
         gpu_memory_utilization: float = 0.85,
         enforce_eager: bool | None = None,

@@ -24,9 +24,10 @@ the total and the pick then read only that buffer: about 6 passes over the row f
 instead of 18. The kernel reports the elements it read per row (`return_passes`),
 so the pass count is measured, not assumed.
 
-Programs per row. A big batch runs one program per row (`_sample_kernel`). A small batch on a long
-vocabulary (`split_factor`: under 32 rows) would leave most SMs idle, so each row is split into
-contiguous chunks, one program each, and every pass becomes a launch over (rows, chunks): the
+Programs per row. By default every batch runs one program per row (`_sample_kernel`): measured
+on an H200, the split path below costs more in launches than it gains at batch 1. A caller may
+split the rows of a small batch (`split=`, `gpu_filling_split`: under 32 rows on a long
+vocabulary, as many programs as fill the SMs): each row is then split into contiguous chunks, one program each, and every pass becomes a launch over (rows, chunks): the
 chunks' maxima and argmaxes, per-level radix histograms (counts, or integer masses) and kept
 totals are written as partials, and the next launch combines them before its own pass; the chunk
 whose running total passes the draw target finds the token. Max and argmax are order-free and
@@ -62,7 +63,10 @@ _NUM_LEVELS = 32 // RADIX_BITS
 # 256 bins is one tl.histogram, while a mass histogram (top-p) needs a one-hot per bin and keeps 4.
 TOP_K_RADIX_BITS = 8
 
-# Splitting a row across programs (see `split_factor`).
+# Splitting a row across programs (see `split_factor`): only when a caller asks. On one H200 the
+# split path's 21 launches cost more host time than its parallelism saves (batch 1: 1.16 ms split
+# vs 0.34 ms one program at vocab 32k, 1.10 vs 0.93 at 152k, 0.64 vs 0.72 at 128k; BENCHMARKS.md),
+# so one program per row is the default at every batch size.
 _SPLIT_MAX_ROWS = 32  # from this batch on, one program per row already fills the GPU
 _SPLIT_MIN_VOCAB = 16384
 _SPLIT_MIN_CHUNK = 2048  # elements per program, at least
@@ -659,11 +663,16 @@ def _row_chunk(batch: int, vocab: int, device: torch.device, split: int | None) 
     """Entries per program (the last chunk of a row may be shorter); the vocabulary when one
     program streams the whole row."""
     if split is None:
-        split = split_factor(batch, vocab, _sm_count(device))
+        split = 1
     if split <= 1 or batch == 0:
         return max(vocab, 1)
     chunk = triton.cdiv(triton.cdiv(vocab, split), _SPLIT_ALIGN) * _SPLIT_ALIGN
     return min(chunk, max(vocab, 1))
+
+
+def gpu_filling_split(batch: int, vocab: int, device: torch.device) -> int:
+    """`split_factor` for this device: the programs per row that would fill its SMs."""
+    return split_factor(batch, vocab, _sm_count(device))
 
 
 def programs_per_row(batch: int, vocab: int, device: torch.device, split: int | None = None) -> int:
@@ -739,8 +748,8 @@ def sample_triton(
     """The fused kernel: ids [B] int64 and log-probs [B] float32. With `return_threshold`, also the
     per-row logit threshold ([B] float32, temperature-scaled; kept = logits / T >= threshold); with
     `return_passes`, also the passes over each row the kernel made ([B] float32, elements read / V,
-    summed over all programs of the row). `split`: programs per row (None: `split_factor` of the
-    batch, the vocabulary and the GPU's SMs; 1: one program per row); the draws are the same.
+    summed over all programs of the row). `split`: programs per row (None or 1: one program per
+    row, the default; `gpu_filling_split` gives the count that fills the GPU); the draws are the same.
     `filters`: (top-k, top-p), False when the caller knows that no row filters by it (top_k 0,
     top_p 1 everywhere), so that a split launch skips that select's 2 x 9 radix launches (pure
     sampling: 3 launches instead of 21). True is always correct."""
@@ -810,6 +819,7 @@ def sample(
 __all__ = [
     "RADIX_BITS",
     "apply_sampling_filters",
+    "gpu_filling_split",
     "greedy_argmax",
     "programs_per_row",
     "sample",

@@ -35,6 +35,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     eager.add_argument("--compile", dest="enforce_eager", action="store_false",
                        help="Decode steps through the compiled forward on every device, the CPU included "
                             "(inductor; each decode bucket compiles on first use).")
+    overlap = group.add_mutually_exclusive_group()
+    overlap.add_argument("--async-scheduling", action="store_true", default=None,
+                         help="Overlapped steps: step N+1 is scheduled and run before step N's tokens are applied "
+                              "(default: on for one CUDA device, off on the CPU and with tensor parallelism).")
+    overlap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                         help="Synchronous steps on every device.")
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="Shard the model over N ranks (Ray actors, one GPU each) (default 1).")
 
@@ -56,6 +62,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "quantization": args.quantization,
         "num_threads": args.num_threads,
         "enforce_eager": args.enforce_eager,
+        "async_scheduling": args.async_scheduling,
         "tensor_parallel_size": args.tensor_parallel_size,
     }
     if args.kv_cache_memory_gb is not None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 
 from tests.engine.helpers import random_prompts, tiny_pair
-from tokenmill.engine.llm_engine import LLMEngine
+import torch
+
+from tokenmill.engine.llm_engine import LLMEngine, resolve_async_scheduling
 from tokenmill.engine.sampling_params import SamplingParams
 
 
@@ -23,6 +25,17 @@ def loaded():
 def new_engine(loaded, overlap: bool, **kwargs) -> LLMEngine:
     kwargs.setdefault("num_kv_blocks", 128)
     return LLMEngine.from_args(loaded=loaded, max_model_len=256, block_size=4, async_scheduling=overlap, **kwargs)
+
+
+def test_overlap_is_the_default_on_one_cuda_device_only(loaded):
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_async_scheduling(None, cuda, tensor_parallel=False) is True
+    assert resolve_async_scheduling(None, cpu, tensor_parallel=False) is False
+    assert resolve_async_scheduling(None, cuda, tensor_parallel=True) is False
+    assert resolve_async_scheduling(True, cpu, tensor_parallel=False) is True
+    assert resolve_async_scheduling(False, cuda, tensor_parallel=False) is False
+    engine = LLMEngine.from_args(loaded=loaded, max_model_len=64, num_kv_blocks=16)  # the CPU default
+    assert engine.scheduler_config.async_scheduling is False and engine.updater.async_scheduling is False
 
 
 def summary(out) -> list[tuple]:

@@ -81,7 +81,7 @@ def launches() -> list:
                 offsets=torch.zeros(batch, dtype=torch.int64), greedy=torch.zeros(batch, dtype=torch.bool),
             )
             for filters in ((True, True), (False, False)):
-                sampling.sample_triton(logits, *rows.values(), filters=filters, split=None if batch < 64 else 1)
+                sampling.sample_triton(logits, *rows.values(), filters=filters, split=sampling.split_factor(batch, vocab, 132))
 
     def penalty_calls():
         logits = torch.randn(3, 1000, generator=g)

@@ -19,6 +19,7 @@ from tokenmill.kernels import sampling as sampling_module
 from tokenmill.kernels._philox import draw_target_torch, philox_word_torch
 from tokenmill.kernels.sampling import (
     apply_sampling_filters,
+    gpu_filling_split,
     programs_per_row,
     sample,
     sample_reference,
@@ -491,8 +492,9 @@ def test_split_factor_splits_small_batches_only():
         assert batch * programs <= 132
         assert 151936 / programs >= 2048  # no program left with a sliver
     cpu = torch.device("cpu")
-    assert programs_per_row(1, 128256, cpu) > 1  # the automatic choice, as sample_triton makes it
-    assert programs_per_row(256, 128256, cpu) == 1
+    assert programs_per_row(1, 128256, cpu) == 1  # the default: one program per row at every batch
+    assert programs_per_row(1, 128256, cpu, gpu_filling_split(1, 128256, cpu)) > 1
+    assert gpu_filling_split(256, 128256, cpu) == 1
     assert programs_per_row(1, 128256, cpu, split=1) == 1
     assert programs_per_row(3, 1000, cpu, split=3) == 3
 
@@ -585,8 +587,9 @@ def test_cuda_split_rows_draw_what_one_program_draws(batch):
     vocab = 128256
     logits = make_logits(batch, vocab, gen).cuda()
     params = make_params(batch, vocab, gen, device="cuda", off_fraction=0.2)
-    assert programs_per_row(batch, vocab, logits.device) > 1  # the automatic choice splits
-    tokens, logprobs, thresholds = sample_triton(logits, *params, return_threshold=True)
+    split = gpu_filling_split(batch, vocab, logits.device)
+    assert programs_per_row(batch, vocab, logits.device, split) > 1
+    tokens, logprobs, thresholds = sample_triton(logits, *params, return_threshold=True, split=split)
     one = sample_triton(logits, *params, return_threshold=True, split=1)
     assert torch.equal(tokens, one[0])
     assert torch.equal(thresholds, one[2])

@@ -29,6 +29,12 @@ def test_serve_flags():
     assert kwargs["enable_prefix_caching"] is False and kwargs["enable_chunked_prefill"] is True
     defaults = cli.build_parser().parse_args(["serve"])
     assert (defaults.model, defaults.host, defaults.port) == (None, "127.0.0.1", 8000)
+    # Overlapped steps: the engine's device default unless a flag says otherwise.
+    assert engine_kwargs(defaults)["async_scheduling"] is None
+    for flag, value in (("--async-scheduling", True), ("--no-async-scheduling", False)):
+        assert engine_kwargs(cli.build_parser().parse_args(["serve", flag]))["async_scheduling"] is value
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--async-scheduling", "--no-async-scheduling"])
 
 
 def test_generate_flags_map_to_sampling_params():

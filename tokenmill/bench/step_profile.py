@@ -54,6 +54,7 @@ class StepProfile:
     # serving loop gets, and where overlapped steps (async_scheduling) show on a GPU.
     pipelined_step_ms: float | None = None
     async_scheduling: bool = False
+    outputs: str = "core"  # the requests' output mode (OUTPUT_MODES)
 
     @property
     def host_fraction(self) -> float:
@@ -66,7 +67,7 @@ class StepProfile:
         prepare = "n/a" if self.prepare_ms is None else f"{self.prepare_ms:.2f} ms"
         lines = [
             f"step profile ({self.device}): {self.num_steps} decode steps at batch {self.batch_size} "
-            f"(after {self.prefill_steps} prefill steps)",
+            f"(after {self.prefill_steps} prefill steps; outputs as '{self.outputs}')",
             f"  decode step      median {self.step_ms:8.2f} ms   min {self.step_ms_min:.2f} ms   "
             f"CPU {self.cpu_ms_per_step:.2f} ms/step",
             f"  forward alone    median {self.forward_ms:8.2f} ms   (runner.run {self.run_ms:.2f} ms, "
@@ -173,10 +174,22 @@ def _gpu_kernel_ms_per_step(engine: Any, num_steps: int) -> tuple[float | None, 
         return None, f"torch.profiler failed: {type(error).__name__}: {error}"
 
 
+# What the profiled requests ask the engine for, as each front end runs them:
+# "core": token deltas, no text (the serving engine core: the API side detokenizes);
+# "stream": every step's whole output with its text (in-process streaming, AsyncLLMEngine);
+# "final": one output at the end (LLM.generate).
+OUTPUT_MODES = {
+    "core": {"output_kind": "delta", "detokenize": False},
+    "stream": {"output_kind": "cumulative", "detokenize": True},
+    "final": {"output_kind": "final", "detokenize": True},
+}
+
+
 def profile_steps(
-    engine: Any, prompts: list[list[int]], num_steps: int = 30, gpu_kernels: bool = True
+    engine: Any, prompts: list[list[int]], num_steps: int = 30, gpu_kernels: bool = True, outputs: str = "core"
 ) -> StepProfile:
-    """Run `prompts` (one request each, greedy, EOS ignored) until all decode, then time `num_steps`."""
+    """Run `prompts` (one request each, greedy, EOS ignored, outputs as OUTPUT_MODES[outputs]) until
+    all decode, then time `num_steps`."""
     from tokenmill.engine.sampling_params import SamplingParams
 
     if not prompts or num_steps < 1:
@@ -188,7 +201,8 @@ def profile_steps(
     prefill_bound = math.ceil(sum(map(len, prompts)) / max(1, budget - n)) + 4
     for rid, prompt in zip(ids, prompts):
         max_new = min(prefill_bound + extra, engine.max_model_len - len(prompt))
-        engine.add_request(rid, prompt, SamplingParams(max_new_tokens=max_new, ignore_eos=True, do_sample=False))
+        engine.add_request(rid, prompt, SamplingParams(max_new_tokens=max_new, ignore_eos=True, do_sample=False,
+                                                       **OUTPUT_MODES[outputs]))
     try:
         with StepTimer(engine) as timer:
             prefill_steps = 0
@@ -239,6 +253,7 @@ def profile_steps(
         gpu_note=gpu_note,
         pipelined_step_ms=pipelined_ms,
         async_scheduling=bool(getattr(engine.scheduler_config, "async_scheduling", False)),
+        outputs=outputs,
     )
 
 
@@ -274,8 +289,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--async-scheduling", action="store_true", help="Overlapped steps (the engine argument).")
+    overlap = p.add_mutually_exclusive_group()
+    overlap.add_argument("--async-scheduling", action="store_true", default=None,
+                         help="Overlapped steps (the engine argument; default: the engine's).")
+    overlap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                         help="Synchronous steps.")
     p.add_argument("--enforce-eager", action="store_true", help="No compiled forward / CUDA graphs.")
+    p.add_argument("--outputs", default="core", choices=sorted(OUTPUT_MODES),
+                   help="The requests' outputs: core (token deltas, no text: the serving engine core; default), "
+                        "stream (whole output and text every step), final (LLM.generate).")
     p.add_argument("--cprofile", action="store_true", help="Also print cProfile of the timed steps.")
     p.add_argument("--json", default=None, metavar="PATH")
     return p
@@ -300,24 +322,24 @@ def main(argv: list[str] | None = None) -> int:
         num_kv_blocks=profile_kv_blocks(prompts, args.steps, args.block_size, args.max_num_batched_tokens),
         async_scheduling=args.async_scheduling, enforce_eager=True if args.enforce_eager else None,
     )
-    result = profile_steps(engine, prompts, args.steps)
+    result = profile_steps(engine, prompts, args.steps, outputs=args.outputs)
     print(result.format(), flush=True)
     if args.cprofile:
-        _print_cprofile(engine, prompts, args.steps)
+        _print_cprofile(engine, prompts, args.steps, args.outputs)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result.as_dict(), f, indent=2)
     return 0
 
 
-def _print_cprofile(engine: Any, prompts: list[list[int]], num_steps: int) -> None:
+def _print_cprofile(engine: Any, prompts: list[list[int]], num_steps: int, outputs: str) -> None:
     import cProfile
     import io
     import pstats
 
     profiler = cProfile.Profile()
     profiler.enable()
-    profile_steps(engine, prompts, num_steps, gpu_kernels=False)
+    profile_steps(engine, prompts, num_steps, gpu_kernels=False, outputs=outputs)
     profiler.disable()
     for key, rows in (("cumulative", 45), ("tottime", 30)):
         text = io.StringIO()

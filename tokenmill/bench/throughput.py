@@ -61,8 +61,12 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
                         "and a .gguf model.")
     b.add_argument("--quantization", default=None, choices=("int8", "int4"),
                    help="tokenmill's quantized linear layers (the other backends keep the float weights).")
-    b.add_argument("--async-scheduling", action="store_true",
-                   help="tokenmill with overlapped steps (the engine argument; the step profile too).")
+    overlap = b.add_mutually_exclusive_group()
+    overlap.add_argument("--async-scheduling", action="store_true", default=None,
+                         help="tokenmill with overlapped steps (the engine argument; the step profile too; "
+                              "default: the engine's, on for one CUDA device).")
+    overlap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                         help="tokenmill with synchronous steps on every device.")
     b.add_argument("--enforce-eager", action="store_true",
                    help="tokenmill without the compiled forward and CUDA graphs (the step profile too).")
     b.add_argument("--skip-hf", action="store_true", help="Run tokenmill only.")
@@ -167,7 +171,7 @@ def tokenmill_engine_kwargs(args: argparse.Namespace, requests: list[BenchReques
 
 
 def engine_mode_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """--async-scheduling / --enforce-eager as engine arguments (unset: the engine's defaults)."""
+    """--(no-)async-scheduling / --enforce-eager as engine arguments (unset: the engine's defaults)."""
     return {"async_scheduling": args.async_scheduling, "enforce_eager": True if args.enforce_eager else None}
 
 
@@ -230,7 +234,7 @@ def run_step_profile(args: argparse.Namespace, loaded: Any, requests: list[Bench
     )
     try:
         batched = profile_steps(engine, prompts, args.profile_steps)
-        single = profile_steps(engine, prompts[:1], args.profile_steps, gpu_kernels=False) if len(prompts) > 1 else None
+        single = profile_steps(engine, prompts[:1], args.profile_steps) if len(prompts) > 1 else None
         return batched, single
     finally:
         from tokenmill.bench.backends import free_memory
