@@ -357,6 +357,47 @@ def test_step_profile_leaves_the_engine_as_it_found_it():
     assert not engine.has_unfinished_requests()  # its requests were aborted
 
 
+@pytest.mark.parametrize("outputs, kind, detokenize", [("core", "delta", False), ("stream", "cumulative", True),
+                                                      ("final", "final", True)])
+def test_step_profile_requests_ask_for_the_front_ends_outputs(outputs, kind, detokenize):
+    from tokenmill.bench.models import load_bench_model
+    from tokenmill.bench.step_profile import profile_kv_blocks, profile_steps
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    loaded = load_bench_model(None, "tiny", "cpu", "float32", 0)
+    prompts = [[7] * 5, [9] * 6]
+    engine = LLMEngine.from_args(loaded=loaded, max_num_seqs=2, device="cpu", num_kv_blocks=profile_kv_blocks(prompts, 2, 16, 2048))
+    seen = []
+    add = engine.add_request
+    engine.add_request = lambda rid, prompt, params: (seen.append(params), add(rid, prompt, params))[1]
+    profile = profile_steps(engine, prompts, num_steps=2, outputs=outputs)
+    assert profile.outputs == outputs and f"outputs as '{outputs}'" in profile.format()
+    assert [(p.output_kind, p.detokenize) for p in seen] == [(kind, detokenize)] * 2
+
+
+def test_top_kernels_rank_the_profilers_cuda_events():
+    from types import SimpleNamespace
+
+    from tokenmill.bench.step_profile import StepProfile, top_kernels
+
+    def event(key, device, us, count):
+        return SimpleNamespace(key=key, device_type=SimpleNamespace(name=device), self_device_time_total=us,
+                               count=count)
+
+    events = [event("gemv", "CUDA", 3000.0, 160), event("aten::mm", "CPU", 0.0, 160), event("attn", "CUDA", 1000.0, 80),
+              event("argmax", "CUDA", 500.0, 5)]
+    total, top = top_kernels(events, num_steps=5, keep=2)
+    assert total == pytest.approx(0.9)  # 4.5 ms of CUDA kernels over 5 steps; the CPU event is not one
+    assert top == [("gemv", 0.6, 32.0), ("attn", 0.2, 16.0)]
+    profile = StepProfile(device="cuda:0", batch_size=1, num_steps=5, prefill_steps=1, step_ms=2.0, step_ms_min=1.9,
+                          run_ms=1.5, prepare_ms=0.2, forward_ms=1.3, host_ms=0.7, cpu_ms_per_step=2.0,
+                          forward_cpu_ms=1.3, host_cpu_ms=0.7, gpu_kernel_ms=total, gpu_top_kernels=top,
+                          pipelined_step_ms=1.0)
+    text = profile.format()
+    assert "0.90 ms per step (45% busy; 90% of back-to-back steps)" in text
+    assert "0.600 ms    32.0 launches  gemv" in text
+
+
 @pytest.mark.parametrize("replicas, serve_args", [(1, ""), (2, "--max-num-seqs 8"), (2, "--tensor-parallel-size 2")])
 def test_replica_scaling_gives_ray_cpus_for_every_core_and_the_api_replica(replicas, serve_args):
     import argparse

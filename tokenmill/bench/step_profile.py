@@ -31,6 +31,7 @@ RUNNER_PREPARE_METHODS = ("prepare_inputs",)
 MAX_PREFILL_STEPS = 10_000
 WARMUP_STEPS = 3
 GPU_PROFILE_STEPS = 5
+TOP_KERNELS = 12
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class StepProfile:
     host_cpu_ms: float  # median CPU time of the step outside the forward (robust on a busy machine)
     gpu_kernel_ms: float | None = None  # CUDA kernel time per step (torch.profiler), CUDA only
     gpu_note: str | None = None  # why gpu_kernel_ms is missing
+    # The CUDA kernels that take the most time: (name, ms per step, launches per step), CUDA only.
+    gpu_top_kernels: list[tuple[str, float, float]] | None = None
     # Wall time per step over num_steps steps run back to back with no sync between them: what a
     # serving loop gets, and where overlapped steps (async_scheduling) show on a GPU.
     pipelined_step_ms: float | None = None
@@ -81,7 +84,12 @@ class StepProfile:
             lines.append(f"  back to back     {self.pipelined_step_ms:8.2f} ms per step ({mode}, no sync between steps)")
         if self.gpu_kernel_ms is not None:
             busy = self.gpu_kernel_ms / self.step_ms if self.step_ms > 0 else 0.0
-            lines.append(f"  GPU kernels      {self.gpu_kernel_ms:8.2f} ms per step ({100 * busy:.0f}% busy)")
+            line = f"  GPU kernels      {self.gpu_kernel_ms:8.2f} ms per step ({100 * busy:.0f}% busy"
+            if self.pipelined_step_ms:
+                line += f"; {100 * self.gpu_kernel_ms / self.pipelined_step_ms:.0f}% of back-to-back steps"
+            lines.append(line + ")")
+            for name, ms, launches in self.gpu_top_kernels or []:
+                lines.append(f"    {ms:7.3f} ms  {launches:6.1f} launches  {name[:90]}")
         elif self.gpu_note:
             lines.append(f"  GPU kernels      n/a ({self.gpu_note})")
         return "\n".join(lines)
@@ -159,7 +167,16 @@ class StepTimer:
         return step_s, self._run_s, self._prepare_s, step_cpu_s, self._forward_cpu_s
 
 
-def _gpu_kernel_ms_per_step(engine: Any, num_steps: int) -> tuple[float | None, str | None]:
+def top_kernels(events: Any, num_steps: int, keep: int = TOP_KERNELS) -> tuple[float, list[tuple[str, float, float]]]:
+    """Kernel time per step and the `keep` costliest kernels (name, ms per step, launches per step)
+    of torch.profiler's key averages (events with key, device_type, self_device_time_total, count)."""
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    total_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / num_steps
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return total_ms, [(e.key, e.self_device_time_total / 1e3 / num_steps, e.count / num_steps) for e in kernels[:keep]]
+
+
+def _gpu_kernel_ms_per_step(engine: Any, num_steps: int) -> tuple[float | None, str | None, list | None]:
     from torch.profiler import ProfilerActivity, profile
 
     try:
@@ -167,11 +184,10 @@ def _gpu_kernel_ms_per_step(engine: Any, num_steps: int) -> tuple[float | None, 
             for _ in range(num_steps):
                 engine.step()
             torch.cuda.synchronize()
-        events = prof.key_averages()
-        total_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
-        return total_us / 1e3 / num_steps, None
+        total_ms, top = top_kernels(prof.key_averages(), num_steps)
+        return total_ms, None, top
     except Exception as error:  # the profiler is a diagnostic: its failure must not lose the timings
-        return None, f"torch.profiler failed: {type(error).__name__}: {error}"
+        return None, f"torch.profiler failed: {type(error).__name__}: {error}", None
 
 
 # What the profiled requests ask the engine for, as each front end runs them:
@@ -222,10 +238,10 @@ def profile_steps(
                     raise RuntimeError(f"batch changed to {timer.last_batch_shape} while timing; give more tokens")
                 samples.append(sample)
         pipelined_ms = _pipelined_step_ms(engine, timer.device, num_steps)
-        gpu_ms, gpu_note = None, None
+        gpu_ms, gpu_note, gpu_top = None, None, None
         device = timer.device
         if device.type == "cuda" and gpu_kernels:
-            gpu_ms, gpu_note = _gpu_kernel_ms_per_step(engine, GPU_PROFILE_STEPS)
+            gpu_ms, gpu_note, gpu_top = _gpu_kernel_ms_per_step(engine, GPU_PROFILE_STEPS)
         elif device.type != "cuda":
             gpu_note = "not a CUDA device"
     finally:
@@ -251,6 +267,7 @@ def profile_steps(
         host_cpu_ms=ms([s[3] - s[4] for s in samples]),
         gpu_kernel_ms=gpu_ms,
         gpu_note=gpu_note,
+        gpu_top_kernels=gpu_top,
         pipelined_step_ms=pipelined_ms,
         async_scheduling=bool(getattr(engine.scheduler_config, "async_scheduling", False)),
         outputs=outputs,
