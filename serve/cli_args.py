@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from tokenmill.engine_flags import add_async_scheduling_flags
+
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
@@ -35,12 +37,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     eager.add_argument("--compile", dest="enforce_eager", action="store_false",
                        help="Decode steps through the compiled forward on every device, the CPU included "
                             "(inductor; each decode bucket compiles on first use).")
-    overlap = group.add_mutually_exclusive_group()
-    overlap.add_argument("--async-scheduling", action="store_true", default=None,
-                         help="Overlapped steps: step N+1 is scheduled and run before step N's tokens are applied "
-                              "(default: on for one CUDA device, off on the CPU and with tensor parallelism).")
-    overlap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
-                         help="Synchronous steps on every device.")
+    add_async_scheduling_flags(group)
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="Shard the model over N ranks (Ray actors, one GPU each) (default 1).")
 

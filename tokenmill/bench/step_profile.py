@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 
+from tokenmill.engine_flags import add_async_scheduling_flags
+
 # Runner methods that build the forward's input tensors (timed as host work when present).
 RUNNER_PREPARE_METHODS = ("prepare_inputs",)
 MAX_PREFILL_STEPS = 10_000
@@ -306,11 +308,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    overlap = p.add_mutually_exclusive_group()
-    overlap.add_argument("--async-scheduling", action="store_true", default=None,
-                         help="Overlapped steps (the engine argument; default: the engine's).")
-    overlap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
-                         help="Synchronous steps.")
+    add_async_scheduling_flags(p)
     p.add_argument("--enforce-eager", action="store_true", help="No compiled forward / CUDA graphs.")
     p.add_argument("--outputs", default="core", choices=sorted(OUTPUT_MODES),
                    help="The requests' outputs: core (token deltas, no text: the serving engine core; default), "

@@ -21,6 +21,7 @@ from tokenmill.bench.workload import (
     random_token_workload,
     tokenize_workload,
 )
+from tokenmill.engine_flags import add_async_scheduling_flags
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +62,7 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
                         "and a .gguf model.")
     b.add_argument("--quantization", default=None, choices=("int8", "int4"),
                    help="tokenmill's quantized linear layers (the other backends keep the float weights).")
-    overlap = b.add_mutually_exclusive_group()
-    overlap.add_argument("--async-scheduling", action="store_true", default=None,
-                         help="tokenmill with overlapped steps (the engine argument; the step profile too; "
-                              "default: the engine's, on for one CUDA device).")
-    overlap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
-                         help="tokenmill with synchronous steps on every device.")
+    add_async_scheduling_flags(b)  # tokenmill's engine (the step profile's too)
     b.add_argument("--enforce-eager", action="store_true",
                    help="tokenmill without the compiled forward and CUDA graphs (the step profile too).")
     b.add_argument("--skip-hf", action="store_true", help="Run tokenmill only.")
