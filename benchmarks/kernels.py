@@ -232,16 +232,29 @@ def attention_rows(batches, context, device, warmup, iters):
                                     scale, 1, context),
             device, warmup, iters,
         )
+        one_pass_ms, splits = None, 1
+        if device.type == "cuda":  # the automatic split of a decode batch, against one pass
+            from tokenmill.kernels.attention import decode_splits, paged_attention_triton
+
+            splits = decode_splits(batch, num_kv_heads, device)
+            one_pass_ms = time_ms(
+                lambda: paged_attention_triton(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                               scale, 1, context, num_splits=1),
+                device, warmup, iters,
+            )
         kv_bytes = 2 * batch * context * num_kv_heads * head_dim * k_cache.element_size()
         rows.append({
             "op": "paged_attention", "batch": batch, "context": context,
             "ms": attn_ms, "write_kv_ms": write_ms, "kv_gb_per_s": kv_bytes / attn_ms / 1e6,
+            "splits": splits, "one_pass_ms": one_pass_ms,
         })
     print(f"\n[attention] decode, context {context}, {num_q_heads} q heads / {num_kv_heads} kv heads, "
           f"head_dim {head_dim}, block {block_size}, {dtype} ({'triton' if device.type == 'cuda' else 'torch'})")
-    print(f"{'batch':>6} {'attn ms':>10} {'write ms':>10} {'KV GB/s':>10}")
+    print(f"{'batch':>6} {'attn ms':>10} {'write ms':>10} {'KV GB/s':>10} {'splits':>7} {'one pass ms':>12}")
     for row in rows:
-        print(f"{row['batch']:>6} {row['ms']:>10.4f} {row['write_kv_ms']:>10.4f} {row['kv_gb_per_s']:>10.1f}")
+        one_pass = "-" if row["one_pass_ms"] is None else f"{row['one_pass_ms']:.4f}"
+        print(f"{row['batch']:>6} {row['ms']:>10.4f} {row['write_kv_ms']:>10.4f} {row['kv_gb_per_s']:>10.1f} "
+              f"{row['splits']:>7} {one_pass:>12}")
     return rows
 
 

@@ -8,7 +8,16 @@ and its ``q_len`` new tokens sit at positions ``seq_len - q_len .. seq_len - 1``
 attends causally to cache positions ``0 .. seq_len - q_len + i`` (and, with a sliding window
 ``w``, only to positions ``> position - w``, as in transformers). One call covers decode,
 chunked prefill over a cached prefix and mixes of both.
+
+A decode step of a small batch would run too few programs (one per sequence and kv head: 8 for
+one stream of a Llama with 8 kv heads, on a GPU of 132 SMs), each walking every key of its
+sequence. There the keys of each sequence are split over up to 16 programs that write partial
+results (unnormalised output, running max and sum), and a second kernel merges them, as
+flash-decoding does (`decode_splits` picks the count from the batch's shape alone, so a CUDA graph
+captured for a batch size is right for every replay).
 """
+
+import functools
 
 import torch
 import triton
@@ -83,6 +92,7 @@ def _paged_attention_kernel(
     stride_k_block, stride_k_offset, stride_k_h, stride_k_d,
     stride_v_block, stride_v_offset, stride_v_h, stride_v_d,
     stride_table,
+    part_acc_ptr, part_ml_ptr, num_tokens, num_heads,  # split decode: per-split partial results
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     GROUP: tl.constexpr,  # query heads per kv head
     BLOCK_Q: tl.constexpr,  # query tokens per program; BLOCK_Q * GROUP <= BLOCK_M
@@ -91,11 +101,21 @@ def _paged_attention_kernel(
     BLOCK_D: tl.constexpr,  # head_dim padded to a power of two
     USE_WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input precision
+    NUM_SPLITS: tl.constexpr,  # > 1: decode with the keys split over NUM_SPLITS programs per sequence
 ):
     """Program (sequence, query tile, kv head): online-softmax attention of BLOCK_Q query tokens
-    times the GROUP query heads sharing one kv head, over that sequence's paged keys."""
+    times the GROUP query heads sharing one kv head, over that sequence's paged keys.
+
+    With NUM_SPLITS > 1 (decode: one query tile per sequence), axis 1 is the split instead: the
+    program attends to its contiguous share of the keys and writes its unnormalised output, running
+    max and sum (`part_acc`, `part_ml`), which `_combine_splits_kernel` merges."""
     seq = tl.program_id(0)
-    tile = tl.program_id(1)
+    if NUM_SPLITS > 1:
+        tile = 0
+        split = tl.program_id(1)
+    else:
+        tile = tl.program_id(1)
+        split = 0
     kv_head = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -123,6 +143,10 @@ def _paged_attention_kernel(
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(tile_first - sliding_window + 1, 0) // BLOCK_N * BLOCK_N
+    if NUM_SPLITS > 1:  # this program's share: whole key blocks, the last shares possibly empty
+        share = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = lo + split * share
+        hi = tl.minimum(lo + share, hi)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -156,12 +180,43 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
-    l_i = tl.where(l_i > 0.0, l_i, 1.0)
-    out = acc / l_i[:, None]
-    tl.store(
-        out_ptr + q_rows[:, None] * stride_o_t + head[:, None] * stride_o_h + dims[None, :] * stride_o_d,
-        out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :],
-    )
+    if NUM_SPLITS > 1:
+        part = (split * num_tokens + q_rows) * num_heads + head  # [BLOCK_M] (split, token, head)
+        tl.store(part_acc_ptr + part[:, None] * BLOCK_D + dims[None, :], acc, mask=row_valid[:, None])
+        tl.store(part_ml_ptr + 2 * part, m_i, mask=row_valid)
+        tl.store(part_ml_ptr + 2 * part + 1, l_i, mask=row_valid)
+    else:
+        l_i = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / l_i[:, None]
+        tl.store(
+            out_ptr + q_rows[:, None] * stride_o_t + head[:, None] * stride_o_h + dims[None, :] * stride_o_d,
+            out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :],
+        )
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_acc_ptr, part_ml_ptr, out_ptr, query_start_loc_ptr, num_seqs, num_tokens, num_heads, head_dim,
+    stride_o_t, stride_o_h, stride_o_d,
+    NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (token, head): merge the splits' partial attention (flash-decoding's second pass).
+    Tokens past the batch's last query (padding) get zeros, as the one-pass kernel leaves them."""
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, BLOCK_D)
+    used = token + splits * 0 < tl.load(query_start_loc_ptr + num_seqs)  # [NUM_SPLITS], all alike
+    part = (splits * num_tokens + token).to(tl.int64) * num_heads + head  # [NUM_SPLITS]
+    m = tl.load(part_ml_ptr + 2 * part, mask=used, other=-1.0e30)  # log2 domain, as the kernel keeps it
+    l = tl.load(part_ml_ptr + 2 * part + 1, mask=used, other=0.0)
+    weight = tl.exp2(m - tl.max(m, 0))  # an empty split (m = -1e30, l = 0) weighs nothing
+    total = tl.sum(weight * l, 0)
+    acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + dims[None, :],
+                  mask=used[:, None] & (dims[None, :] < BLOCK_D), other=0.0)  # [NUM_SPLITS, BLOCK_D]
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)  # [BLOCK_D]
+    tl.store(out_ptr + token.to(tl.int64) * stride_o_t + head * stride_o_h + dims * stride_o_d,
+             out.to(out_ptr.dtype.element_ty), mask=dims < head_dim)
 
 
 def _attention_tiles(group: int, head_dim: int, max_query_len: int) -> tuple[int, int, int]:
@@ -173,32 +228,83 @@ def _attention_tiles(group: int, head_dim: int, max_query_len: int) -> tuple[int
     return block_m, block_m // group, block_n
 
 
+MAX_DECODE_SPLITS = 16
+_DEFAULT_SM_COUNT = 16  # without a CUDA device to ask (the interpreter)
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Programs per (sequence, kv head) for a decode step: a power of two that brings the programs
+    near the GPU's SM count (a batch of one sequence over 8 kv heads runs 8 programs, 16x too few
+    on 132 SMs), 1 once the batch fills the SMs. It depends on the batch's shape only, never on
+    the sequences' lengths, so a CUDA graph captured for a batch size stays right for every replay."""
+    programs = max(1, num_seqs * num_kv_heads)
+    sms = _sm_count(device)
+    splits = 1
+    while splits < MAX_DECODE_SPLITS and programs * splits * 2 <= sms:
+        splits *= 2
+    return splits
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SM_COUNT
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def paged_attention_triton(
     query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-    max_query_len, max_seq_len, sliding_window=None,
+    max_query_len, max_seq_len, sliding_window=None, num_splits=None,
 ) -> torch.Tensor:
-    """Triton twin of :func:`paged_attention_reference` (no device-to-host sync)."""
+    """Triton twin of :func:`paged_attention_reference` (no device-to-host sync). `num_splits`:
+    for a decode step (max_query_len 1), programs per (sequence, kv head) over the keys (None:
+    `decode_splits`); other steps run one pass."""
     _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sliding_window)
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    out = torch.zeros_like(query)  # [T, Hq, D]
     num_seqs = seq_lens.shape[0]
-    if num_seqs == 0 or query.shape[0] == 0 or max_query_len == 0:
-        return out
+    num_tokens = query.shape[0]
+    if num_seqs == 0 or num_tokens == 0 or max_query_len == 0:
+        return torch.zeros_like(query)  # [T, Hq, D]
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
     block_m, block_q, block_n = _attention_tiles(group, head_dim, max_query_len)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    if max_query_len != 1:
+        num_splits = 1
+    elif num_splits is None:
+        num_splits = decode_splits(num_seqs, num_kv_heads, query.device)
+    if num_splits > 1:
+        if num_splits & (num_splits - 1):
+            raise ValueError(f"num_splits={num_splits} is invalid: allowed a power of two")
+        out = torch.empty_like(query)  # the combine writes every row (padding rows get zeros)
+        part_acc = torch.empty((num_splits, num_tokens, num_heads, block_d), dtype=torch.float32, device=query.device)
+        part_ml = torch.empty((num_splits, num_tokens, num_heads, 2), dtype=torch.float32, device=query.device)
+        grid = (num_seqs, num_splits, num_kv_heads)
+    else:
+        out = torch.zeros_like(query)  # [T, Hq, D]
+        part_acc = part_ml = out  # not read
+        grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _paged_attention_kernel[grid](
         query, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
         scale * LOG2_E, sliding_window or 0, head_dim,
         *query.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
+        part_acc, part_ml, num_tokens if num_splits > 1 else 0, num_heads,  # one pass: one specialization
         BLOCK_SIZE=k_cache.shape[1], GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d, USE_WINDOW=sliding_window is not None,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", **_launch_options(block_d, query.element_size()),
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", NUM_SPLITS=num_splits,
+        **_launch_options(block_d, query.element_size()),
     )
+    if num_splits > 1:
+        _combine_splits_kernel[(num_tokens, num_heads)](
+            part_acc, part_ml, out, query_start_loc, num_seqs, num_tokens, num_heads, head_dim, *out.stride(),
+            NUM_SPLITS=num_splits, BLOCK_D=block_d,
+        )
     return out
 
 

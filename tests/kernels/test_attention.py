@@ -336,3 +336,66 @@ def test_gpu_paged_attention(dtype, heads, layout, block_size, window):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_write_kv_cache(dtype):
     check_write(attn.write_kv_cache, device="cuda", dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Split decode (flash-decoding): a decode step's keys over several programs per sequence
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 8])
+@pytest.mark.parametrize("group,block_size,window", [(1, 16, None), (4, 1, None), (3, 4, 5)])
+def test_triton_split_decode_matches_naive_and_one_pass(num_splits, group, block_size, window):
+    """The splits' partial results merge into the one-pass answer; 8 splits of these short
+    sequences leave some splits with no key at all."""
+    specs = DECODE + [(1, 70)]
+    batch, dense = make_batch(specs, 2 * group, 2, 32, block_size, torch.float32, TRITON_DEVICE)
+    out = attn.paged_attention_triton(**batch, sliding_window=window, num_splits=num_splits)
+    check(out, batch, dense, torch.float32, window)
+    one_pass = attn.paged_attention_triton(**batch, sliding_window=window, num_splits=1)
+    torch.testing.assert_close(out, one_pass, atol=2e-5, rtol=2e-5)
+
+
+def test_triton_split_decode_float16_and_odd_head_dim():
+    batch, dense = make_batch(DECODE, 9, 3, 40, 16, torch.float16, TRITON_DEVICE)
+    check(attn.paged_attention_triton(**batch, num_splits=4), batch, dense, torch.float16)
+
+
+def test_triton_split_decode_padding_rows_are_zero():
+    """A padding sequence (one query, nothing cached) and a token row no sequence owns come out as
+    zeros, as the one-pass kernel leaves them (CUDA graphs pad decode batches so)."""
+    batch, dense = make_batch(DECODE, 4, 2, 32, 16, torch.float32, TRITON_DEVICE)
+    real = attn.paged_attention_triton(**batch, num_splits=1)
+    padded = dict(batch)
+    device = batch["query"].device
+    padded["query"] = torch.cat([batch["query"], torch.randn(2, *batch["query"].shape[1:], device=device)])
+    padded["seq_lens"] = torch.cat([batch["seq_lens"], torch.zeros(1, dtype=torch.int32, device=device)])
+    padded["block_tables"] = torch.cat([batch["block_tables"], batch["block_tables"][:1]])
+    last = batch["query_start_loc"][-1:] + 1
+    padded["query_start_loc"] = torch.cat([batch["query_start_loc"], last])
+    for num_splits in (1, 4):
+        out = attn.paged_attention_triton(**padded, num_splits=num_splits)
+        torch.testing.assert_close(out[: len(real)], real, atol=2e-5, rtol=2e-5)
+        assert torch.equal(out[len(real):], torch.zeros_like(out[len(real):]))
+
+
+def test_triton_split_count_must_be_a_power_of_two():
+    batch, _ = make_batch(DECODE, 4, 2, 32, 16, torch.float32, TRITON_DEVICE)
+    with pytest.raises(ValueError, match="num_splits=3"):
+        attn.paged_attention_triton(**batch, num_splits=3)
+
+
+def test_decode_splits_fill_the_sms_from_the_batch_shape_only(monkeypatch):
+    monkeypatch.setattr(attn, "_sm_count", lambda device: 132)  # an H100 / H200
+    cpu = torch.device("cpu")
+    assert attn.decode_splits(1, 8, cpu) == 16  # one stream of a 1B Llama: 128 programs, not 8
+    assert attn.decode_splits(2, 8, cpu) == 8
+    assert attn.decode_splits(8, 8, cpu) == 2
+    assert attn.decode_splits(16, 8, cpu) == 1  # 128 programs already
+    assert attn.decode_splits(256, 8, cpu) == 1
+    assert attn.decode_splits(1, 1, cpu) == attn.MAX_DECODE_SPLITS
+
+
+def test_prefill_and_mixed_steps_ignore_the_split_count():
+    batch, dense = make_batch(MIXED, 4, 2, 32, 16, torch.float32, TRITON_DEVICE)
+    check(attn.paged_attention_triton(**batch, num_splits=8), batch, dense, torch.float32)

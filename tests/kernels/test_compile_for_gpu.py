@@ -29,5 +29,5 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert kernels == {
         "_sample_kernel", "_split_stats_kernel", "_split_radix_level_kernel", "_split_totals_kernel",
         "_split_pick_kernel", "_penalties_kernel", "_ban_ngrams_kernel", "_paged_attention_kernel",
-        "_write_kv_cache_kernel",
+        "_combine_splits_kernel", "_write_kv_cache_kernel",
     }
