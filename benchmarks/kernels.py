@@ -13,8 +13,8 @@ only (the Triton interpreter is not a performance path). Prints a table with
 ratios; never asserts on times.
 
 Sampling ops: `sampling` (T=0.8, top_k 50, top_p 0.9), `sampling_pure` (T=1, no filter: the
-OpenAI default) and `greedy` (triton: the kernel's greedy rows; torch: argmax + logsumexp, what
-the engine runs; hf: argmax). For each size they also print the passes the Triton kernel makes
+OpenAI default) and `greedy` (triton: the kernel's greedy rows, what the engine runs on CUDA;
+torch: argmax + logsumexp, the CPU path; hf: argmax). For each size they also print the passes the Triton kernel makes
 over a row (measured by the kernel itself; on the CPU through the interpreter, on one row), the
 bytes it moves per row (passes x vocab x 4) and the GB/s that makes at the timed speed: the
 kernel's on CUDA, the torch path's on the CPU (there the bytes are one read of the logits, since
@@ -54,7 +54,7 @@ from tokenmill.kernels.ngram import ban_ngrams_reference, ban_ngrams_triton
 from tokenmill.kernels.penalties import apply_penalties_reference, apply_penalties_triton
 from tokenmill.kernels.sampling import (
     gpu_filling_split,
-    greedy_argmax,
+    greedy_reference,
     programs_per_row,
     sample_reference,
     sample_triton,
@@ -126,7 +126,7 @@ def sampling_case(op, batch, vocab, device, split=None):
         # (one program per row), so that a GPU run shows which of the two a batch size should take.
         "triton_split": lambda: sample_triton(logits, *params, split=gpu_filling_split(batch, vocab, logits.device),
                                               filters=(top_k > 0, top_p < 1.0)),
-        "torch": (lambda: greedy_argmax(logits)) if greedy else (lambda: sample_reference(logits, *params)),
+        "torch": (lambda: greedy_reference(logits)) if greedy else (lambda: sample_reference(logits, *params)),
         "hf": hf,
     }
 

@@ -157,6 +157,26 @@ def test_greedy_rows_take_argmax_with_full_log_softmax():
         torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_greedy_rows_keep_the_first_of_tied_maxima():
+    """bfloat16 logits tie often: the kernel's greedy rows (the engine's greedy path on CUDA, with
+    the parameters `greedy_argmax` caches) pick the first index of the max, as torch's argmax and
+    HF's greedy search do, across lanes and blocks of the row."""
+    gen = torch.Generator().manual_seed(23)
+    batch, vocab = 5, 9000  # three 4096-entry blocks
+    logits = (torch.randn(batch, vocab, generator=gen) * 0.5).to(torch.bfloat16).float()
+    logits[0, [17, 4113, 8200]] = 9.0  # one max in each block, in different lanes
+    logits[1, [8999, 3]] = 7.5
+    logits[2] = 0.0  # every entry ties
+    logits[3, 100:] = float("-inf")
+    tokens, logprobs = sample_triton(logits, *sampling_module._greedy_rows(batch, logits.device))
+    expected_tokens, expected_logprobs = sample_reference(logits, *sampling_module._greedy_rows(batch, logits.device))
+    assert tokens.tolist() == logits.argmax(dim=-1).tolist() == expected_tokens.tolist()
+    assert tokens[:3].tolist() == [17, 3, 0]
+    torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1))
+    assert sampling_module._greedy_rows(batch, logits.device) is sampling_module._greedy_rows(batch, logits.device)
+
+
 def test_draw_does_not_depend_on_batch_neighbours_or_position():
     gen = torch.Generator().manual_seed(13)
     batch, vocab = 12, 333
@@ -594,6 +614,23 @@ def test_cuda_split_rows_draw_what_one_program_draws(batch):
     assert torch.equal(tokens, one[0])
     assert torch.equal(thresholds, one[2])
     torch.testing.assert_close(logprobs, one[1], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 64, 256])
+def test_cuda_greedy_argmax_is_the_kernel_and_matches_torch(batch, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    gen = torch.Generator().manual_seed(71 + batch)
+    logits = (torch.randn(batch, 128256, generator=gen) * 3).to(torch.bfloat16).float().cuda()  # ties
+    calls = []
+    monkeypatch.setattr(sampling_module, "sample_triton",
+                        lambda *a, **k: calls.append(1) or sample_triton(*a, **k))
+    tokens, logprobs = sampling_module.greedy_argmax(logits)
+    assert calls  # the kernel, not torch, on CUDA
+    ref_tokens, ref_logprobs = sampling_module.greedy_reference(logits)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logprobs, ref_logprobs, atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
