@@ -236,7 +236,7 @@ def attention_rows(batches, context, device, warmup, iters):
         if device.type == "cuda":  # the automatic split of a decode batch, against one pass
             from tokenmill.kernels.attention import decode_splits, paged_attention_triton
 
-            splits = decode_splits(batch, num_kv_heads, device)
+            splits = decode_splits(batch, num_kv_heads, device, context)
             one_pass_ms = time_ms(
                 lambda: paged_attention_triton(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                                scale, 1, context, num_splits=1),

@@ -13,8 +13,8 @@ A decode step of a small batch would run too few programs (one per sequence and 
 one stream of a Llama with 8 kv heads, on a GPU of 132 SMs), each walking every key of its
 sequence. There the keys of each sequence are split over up to 16 programs that write partial
 results (unnormalised output, running max and sum), and a second kernel merges them, as
-flash-decoding does (`decode_splits` picks the count from the batch's shape alone, so a CUDA graph
-captured for a batch size is right for every replay).
+flash-decoding does (`decode_splits` picks the count from the batch's shape and a bound on the
+longest sequence that a captured CUDA graph keeps fixed, so the graph is right for every replay).
 """
 
 import functools
@@ -82,7 +82,7 @@ def write_kv_cache_triton(key, value, k_cache, v_cache, slot_mapping) -> None:
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # one compile for every decode batch size
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -194,7 +194,7 @@ def _paged_attention_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens"])
 def _combine_splits_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, query_start_loc_ptr, num_seqs, num_tokens, num_heads, head_dim,
     stride_o_t, stride_o_h, stride_o_d,
@@ -213,7 +213,7 @@ def _combine_splits_kernel(
     weight = tl.exp2(m - tl.max(m, 0))  # an empty split (m = -1e30, l = 0) weighs nothing
     total = tl.sum(weight * l, 0)
     acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + dims[None, :],
-                  mask=used[:, None] & (dims[None, :] < BLOCK_D), other=0.0)  # [NUM_SPLITS, BLOCK_D]
+                  mask=used[:, None], other=0.0)  # [NUM_SPLITS, BLOCK_D]
     out = tl.sum(acc * weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)  # [BLOCK_D]
     tl.store(out_ptr + token.to(tl.int64) * stride_o_t + head * stride_o_h + dims * stride_o_d,
              out.to(out_ptr.dtype.element_ty), mask=dims < head_dim)
@@ -232,15 +232,19 @@ MAX_DECODE_SPLITS = 16
 _DEFAULT_SM_COUNT = 16  # without a CUDA device to ask (the interpreter)
 
 
-def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device, max_seq_len: int | None = None,
+                  block_n: int = 64) -> int:
     """Programs per (sequence, kv head) for a decode step: a power of two that brings the programs
     near the GPU's SM count (a batch of one sequence over 8 kv heads runs 8 programs, 16x too few
-    on 132 SMs), 1 once the batch fills the SMs. It depends on the batch's shape only, never on
-    the sequences' lengths, so a CUDA graph captured for a batch size stays right for every replay."""
+    on 132 SMs), 1 once the batch fills the SMs, and no more than the `block_n`-key blocks of the
+    longest sequence (`max_seq_len`: a bound is enough). It depends on the batch's shape and that
+    bound only: a compiled step passes the block table's width as the bound, fixed for a captured
+    CUDA graph, so the count is right for every replay."""
     programs = max(1, num_seqs * num_kv_heads)
     sms = _sm_count(device)
+    most = MAX_DECODE_SPLITS if max_seq_len is None else max(1, min(MAX_DECODE_SPLITS, -(-max_seq_len // block_n)))
     splits = 1
-    while splits < MAX_DECODE_SPLITS and programs * splits * 2 <= sms:
+    while splits * 2 <= most and programs * splits * 2 <= sms:
         splits *= 2
     return splits
 
@@ -275,13 +279,13 @@ def paged_attention_triton(
         block_tables = block_tables.contiguous()
     block_m, block_q, block_n = _attention_tiles(group, head_dim, max_query_len)
     block_d = max(16, triton.next_power_of_2(head_dim))
+    if num_splits is not None and (num_splits < 1 or num_splits & (num_splits - 1)):
+        raise ValueError(f"num_splits={num_splits} is invalid: allowed None or a power of two >= 1")
     if max_query_len != 1:
         num_splits = 1
     elif num_splits is None:
-        num_splits = decode_splits(num_seqs, num_kv_heads, query.device)
+        num_splits = decode_splits(num_seqs, num_kv_heads, query.device, max_seq_len, block_n)
     if num_splits > 1:
-        if num_splits & (num_splits - 1):
-            raise ValueError(f"num_splits={num_splits} is invalid: allowed a power of two")
         out = torch.empty_like(query)  # the combine writes every row (padding rows get zeros)
         part_acc = torch.empty((num_splits, num_tokens, num_heads, block_d), dtype=torch.float32, device=query.device)
         part_ml = torch.empty((num_splits, num_tokens, num_heads, 2), dtype=torch.float32, device=query.device)

@@ -313,6 +313,48 @@ GPU_LAYOUTS = {
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("num_splits", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("window", [None, 300])
+def test_gpu_split_decode_bf16_llama_heads(num_splits, window):
+    """A 1B/8B Llama's heads in bfloat16 (the engine's default on CUDA), one and two streams of
+    1000+ keys: every split count against the naive attention and one pass."""
+    for specs in ([(1, 1300)], [(1, 1030), (1, 77)]):
+        batch, dense = make_batch(specs, 32, 8, 128, 16, torch.bfloat16, "cuda")
+        out = attn.paged_attention_triton(**batch, sliding_window=window, num_splits=num_splits)
+        check(out, batch, dense, torch.bfloat16, window)
+        one_pass = attn.paged_attention_triton(**batch, sliding_window=window, num_splits=1)
+        torch.testing.assert_close(out, one_pass, atol=2 * TOLERANCE[torch.bfloat16], rtol=2 * TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_split_decode_replays_in_a_cuda_graph():
+    """Captured once for a batch of 2 (as the engine captures decode buckets), replayed with other
+    lengths and a padding row: the automatic split stays right."""
+    batch, _ = make_batch([(1, 900), (1, 40)], 32, 8, 128, 16, torch.bfloat16, "cuda")
+    static = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in batch.items()}
+    static["max_seq_len"] = static["block_tables"].shape[1] * 16  # the bound a compiled step passes
+    assert attn.decode_splits(2, 8, torch.device("cuda"), static["max_seq_len"]) > 1
+    run = lambda: attn.paged_attention_triton(**static)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            run()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for seq_lens in ([900, 40], [17, 901], [1, 0]):
+        static["seq_lens"].copy_(torch.tensor(seq_lens, dtype=torch.int32))
+        graph.replay()
+        expected = attn.paged_attention_triton(**{**static, "max_seq_len": max(seq_lens)}, num_splits=1)
+        torch.testing.assert_close(out, expected, atol=2 * TOLERANCE[torch.bfloat16], rtol=2 * TOLERANCE[torch.bfloat16])
+    assert torch.equal(out[1], torch.zeros_like(out[1]))  # the last replay's second row has no keys
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("heads", [(9, 3, 64), (32, 8, 128), (16, 16, 128), (8, 2, 80), (4, 1, 256)])
 @pytest.mark.parametrize("layout", sorted(GPU_LAYOUTS))
@@ -379,10 +421,20 @@ def test_triton_split_decode_padding_rows_are_zero():
         assert torch.equal(out[len(real):], torch.zeros_like(out[len(real):]))
 
 
-def test_triton_split_count_must_be_a_power_of_two():
+@pytest.mark.parametrize("num_splits", [0, 3])
+def test_triton_split_count_must_be_a_power_of_two(num_splits):
     batch, _ = make_batch(DECODE, 4, 2, 32, 16, torch.float32, TRITON_DEVICE)
-    with pytest.raises(ValueError, match="num_splits=3"):
-        attn.paged_attention_triton(**batch, num_splits=3)
+    with pytest.raises(ValueError, match=f"num_splits={num_splits}"):
+        attn.paged_attention_triton(**batch, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("window", [None, 130])
+def test_triton_sixteen_splits_over_long_sequences(window):
+    """Every split holds several key blocks; a window wider than a block spans several splits."""
+    specs = [(1, 1100), (1, 300), (1, 70)]
+    batch, dense = make_batch(specs, 4, 2, 32, 16, torch.float32, TRITON_DEVICE)
+    out = attn.paged_attention_triton(**batch, sliding_window=window, num_splits=16)
+    check(out, batch, dense, torch.float32, window)
 
 
 def test_decode_splits_fill_the_sms_from_the_batch_shape_only(monkeypatch):
@@ -394,6 +446,10 @@ def test_decode_splits_fill_the_sms_from_the_batch_shape_only(monkeypatch):
     assert attn.decode_splits(16, 8, cpu) == 1  # 128 programs already
     assert attn.decode_splits(256, 8, cpu) == 1
     assert attn.decode_splits(1, 1, cpu) == attn.MAX_DECODE_SPLITS
+    # No more splits than key blocks of the longest sequence (a short context: mostly empty splits).
+    assert attn.decode_splits(1, 8, cpu, max_seq_len=100) == 2
+    assert attn.decode_splits(1, 8, cpu, max_seq_len=64) == 1
+    assert attn.decode_splits(1, 8, cpu, max_seq_len=4096) == 16
 
 
 def test_prefill_and_mixed_steps_ignore_the_split_count():
