@@ -83,6 +83,22 @@ def time_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
     return statistics.median(samples)
 
 
+def graph_time_ms(fn, warmup: int, iters: int, calls: int = 20) -> float:
+    """Median GPU time of one `fn()` replayed from a CUDA graph of `calls` calls: what a step captured
+    in a graph pays (no Python launch cost, unlike `time_ms`'s eager calls)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and warm up outside the capture
+        for _ in range(max(warmup, 2)):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return time_ms(graph.replay, torch.device("cuda"), 2, iters) / calls
+
+
 SAMPLING_KINDS = {  # op -> (temperature, top_k, top_p, greedy)
     "sampling": (TEMPERATURE, TOP_K, TOP_P, False),
     "sampling_pure": (1.0, 0, 1.0, False),
@@ -232,29 +248,36 @@ def attention_rows(batches, context, device, warmup, iters):
                                     scale, 1, context),
             device, warmup, iters,
         )
-        one_pass_ms, splits = None, 1
-        if device.type == "cuda":  # the automatic split of a decode batch, against one pass
+        graph_ms = one_pass_ms = None
+        splits = 1
+        if device.type == "cuda":  # in a CUDA graph, as decode steps run: the automatic split and one pass
             from tokenmill.kernels.attention import decode_splits, paged_attention_triton
 
             splits = decode_splits(batch, num_kv_heads, device, context)
-            one_pass_ms = time_ms(
+            graph_ms = graph_time_ms(
+                lambda: paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, 1,
+                                        context),
+                warmup, iters,
+            )
+            one_pass_ms = graph_time_ms(
                 lambda: paged_attention_triton(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                                scale, 1, context, num_splits=1),
-                device, warmup, iters,
+                warmup, iters,
             )
         kv_bytes = 2 * batch * context * num_kv_heads * head_dim * k_cache.element_size()
         rows.append({
             "op": "paged_attention", "batch": batch, "context": context,
             "ms": attn_ms, "write_kv_ms": write_ms, "kv_gb_per_s": kv_bytes / attn_ms / 1e6,
-            "splits": splits, "one_pass_ms": one_pass_ms,
+            "splits": splits, "graph_ms": graph_ms, "one_pass_graph_ms": one_pass_ms,
         })
     print(f"\n[attention] decode, context {context}, {num_q_heads} q heads / {num_kv_heads} kv heads, "
           f"head_dim {head_dim}, block {block_size}, {dtype} ({'triton' if device.type == 'cuda' else 'torch'})")
-    print(f"{'batch':>6} {'attn ms':>10} {'write ms':>10} {'KV GB/s':>10} {'splits':>7} {'one pass ms':>12}")
+    print(f"{'batch':>6} {'attn ms':>10} {'write ms':>10} {'KV GB/s':>10} {'splits':>7} {'graph ms':>10} "
+          f"{'one pass graph ms':>18}")
+    shown = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
     for row in rows:
-        one_pass = "-" if row["one_pass_ms"] is None else f"{row['one_pass_ms']:.4f}"
         print(f"{row['batch']:>6} {row['ms']:>10.4f} {row['write_kv_ms']:>10.4f} {row['kv_gb_per_s']:>10.1f} "
-              f"{row['splits']:>7} {one_pass:>12}")
+              f"{row['splits']:>7} {shown(row['graph_ms']):>10} {shown(row['one_pass_graph_ms']):>18}")
     return rows
 
 
