@@ -27,9 +27,10 @@ so the pass count is measured, not assumed.
 Programs per row. By default every batch runs one program per row (`_sample_kernel`): measured
 on an H200, the split path below costs more in launches than it gains at batch 1. A caller may
 split the rows of a small batch (`split=`, `gpu_filling_split`: under 32 rows on a long
-vocabulary, as many programs as fill the SMs): each row is then split into contiguous chunks, one program each, and every pass becomes a launch over (rows, chunks): the
-chunks' maxima and argmaxes, per-level radix histograms (counts, or integer masses) and kept
-totals are written as partials, and the next launch combines them before its own pass; the chunk
+vocabulary, as many programs as fill the SMs): each row is then split into contiguous chunks,
+one program each, and every pass becomes a launch over (rows, chunks): the chunks' maxima and
+argmaxes, per-level radix histograms (counts, or integer masses) and kept totals are written as
+partials, and the next launch combines them before its own pass; the chunk
 whose running total passes the draw target finds the token. Max and argmax are order-free and
 everything else that decides a threshold or the token is an integer sum, so a split row keeps
 the same set and draws the same token as one program (only the float log-prob normalisers may
