@@ -38,6 +38,21 @@ def test_overlap_is_the_default_on_one_cuda_device_only(loaded):
     assert engine.scheduler_config.async_scheduling is False and engine.updater.async_scheduling is False
 
 
+def test_warm_up_with_overlapped_steps_leaves_an_idle_engine(loaded):
+    """A server on CUDA warms up with overlap on (its default there): nothing may be left pending."""
+    engine = new_engine(loaded, True, max_num_seqs=8)
+    engine.warm_up()
+    assert not engine.has_unfinished_requests() and engine.updater._in_flight is None
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.get_stats().generation_tokens_total == 0
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True, do_sample=False, output_kind="final")
+    engine.add_request("after", [3, 4, 5], params)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert len(outs) == 1 and len(outs[0].outputs[0].token_ids) == 5
+
+
 def summary(out) -> list[tuple]:
     return [(c.index, c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs) for c in out.outputs]
 
