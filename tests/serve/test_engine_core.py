@@ -56,7 +56,10 @@ async def generate_all(engine, cases):
     return await asyncio.gather(*(one(i, p, sp) for i, (p, sp) in enumerate(cases)))
 
 
-def test_split_outputs_equal_the_in_process_engine(loaded_model):
+@pytest.mark.parametrize("overlap", [False, True], ids=["synchronous", "overlapped"])
+def test_split_outputs_equal_the_in_process_engine(loaded_model, overlap):
+    """The core behind its socket gives the in-process engine's outputs, with synchronous steps (the
+    CPU default) and with overlapped ones (the CUDA default)."""
     offline = LLMEngine.from_args(None, loaded=loaded_model, **ENGINE_KWARGS)
     for i, (prompt, params) in enumerate(CASES):
         offline.add_request(f"case-{i}", prompt, params)
@@ -66,8 +69,9 @@ def test_split_outputs_equal_the_in_process_engine(loaded_model):
             if out.finished:
                 done[out.request_id] = out
     expected = [done[f"case-{i}"] for i in range(len(CASES))]
-    engine = make_engine(loaded_model)
+    engine = make_engine(loaded_model, async_scheduling=overlap)
     try:
+        assert all(core.engine.scheduler_config.async_scheduling is overlap for core in engine._local_cores)
         got = asyncio.run(generate_all(engine, CASES))
         assert finals_of(got) == finals_of(expected)
         assert logprobs_of(expected) == logprobs_of(got)
