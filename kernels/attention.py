@@ -17,8 +17,6 @@ flash-decoding does (`decode_splits` picks the count from the batch's shape and 
 longest sequence that a captured CUDA graph keeps fixed, so the graph is right for every replay).
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -30,6 +28,7 @@ from tokenmill.kernels.attention_reference import (  # the torch path (the twins
     paged_attention_reference,
     write_kv_cache_reference,
 )
+from tokenmill.kernels.sm_count import sm_count as _sm_count
 
 LOG2_E = 1.4426950408889634
 
@@ -229,7 +228,6 @@ def _attention_tiles(group: int, head_dim: int, max_query_len: int) -> tuple[int
 
 
 MAX_DECODE_SPLITS = 16
-_DEFAULT_SM_COUNT = 16  # without a CUDA device to ask (the interpreter)
 
 
 def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device, max_seq_len: int | None = None,
@@ -247,17 +245,6 @@ def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device, max_se
     while splits * 2 <= most and programs * splits * 2 <= sms:
         splits *= 2
     return splits
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _DEFAULT_SM_COUNT
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def paged_attention_triton(

@@ -51,6 +51,7 @@ from tokenmill.kernels.sampling_reference import (
     greedy_reference,
     sample_reference,
 )
+from tokenmill.kernels.sm_count import sm_count as _sm_count
 
 _MAX_BLOCK = 4096  # streaming passes
 # A top-k row with at most this many entries at or above its threshold (k plus ties) copies them to
@@ -74,7 +75,6 @@ _SPLIT_MIN_CHUNK = 2048  # elements per program, at least
 _SPLIT_MAX_PROGRAMS = 64  # per row: every program re-reads all chunks' partial histograms
 _SPLIT_ALIGN = 64  # chunk starts stay aligned for wide loads
 _SPLIT_MAX_BLOCK = 1024
-_DEFAULT_SM_COUNT = 16  # without a CUDA device to ask (the interpreter): a few programs per row
 
 
 @triton.jit
@@ -638,17 +638,6 @@ def _split_pick_kernel(
     tl.store(out_threshold_ptr + row, threshold, mask=writer)
     slot = row * NUM_CHUNKS + part
     tl.store(read_ptr + slot, tl.load(read_ptr + slot) + read)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _DEFAULT_SM_COUNT
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def split_factor(batch: int, vocab: int, num_sms: int) -> int:
