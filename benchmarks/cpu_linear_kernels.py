@@ -9,7 +9,8 @@ is reused, so small matrices sit in cache: the whole-model decode step is the de
 
 `--whole-model`: instead, every linear layer of the model at once (30 layers x 7 and the output
 head, each its own weight, so they stream from memory as in a decode step) for float32, fbgemm
-int8 and fbgemm fp16, beside the machine's memory read bandwidth: the floor these kernels put under
+int8 and fbgemm fp16 (and float32 as the engine runs a few rows: `W @ x.T` split over the
+threads), beside the machine's memory read bandwidth: the floor these kernels put under
 one decode step, and so the ceiling on single-stream tokens per second before attention, norms and
 the rest of the step.
 """
@@ -19,6 +20,8 @@ import time
 import warnings
 
 import torch
+
+from tokenmill.engine.cpu_linear import chunks_for, small_rows_linear
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (49152, 576)]  # (out, in): q/o, gate/up, down, head
 # One decoder layer's projections (q, k, v, o, gate, up, down) of SmolLM2-135M, 30 layers, the tied head.
@@ -54,6 +57,9 @@ def whole_model(batches: list[int]) -> None:
           f"{num_bytes / gbs / 1e6:.1f} ms to read once")
     kernels = {
         "float32": (weights, lambda x, w: torch.nn.functional.linear(x, w)),
+        # What the engine runs for 1-8 rows (engine/cpu_linear.py): W @ x.T, one chunk per thread.
+        "float32 W @ x.T split": (weights, lambda x, w: small_rows_linear(
+            x, w, None, chunks_for(w.shape[0], torch.get_num_threads()))),
         "fbgemm int8": ([torch.ops.quantized.linear_prepack(torch.quantize_per_channel(
             w, (w.abs().amax(1) / 127).double(), torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8), None)
             for w in weights], lambda x, p: torch.ops.quantized.linear_dynamic(x, p, True)),

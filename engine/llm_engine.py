@@ -14,6 +14,7 @@ import torch
 from tokenmill.engine.attention_backend import register_attention
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from tokenmill.engine.cpu_linear import use_small_rows_linear
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.errors import QueueFullError
 from tokenmill.engine.executor import make_executor
@@ -71,7 +72,7 @@ def resolve_async_scheduling(async_scheduling: bool | None, device: torch.device
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
-        configure_threads(config.model.num_threads)
+        threads = configure_threads(config.model.num_threads)
         device, dtype = resolve_device_dtype(config.model.device, config.model.dtype)
         if device.type == "cpu":
             keep_freed_memory()
@@ -101,6 +102,9 @@ class LLMEngine:
         self.model = loaded.model
         param = next(self.model.parameters())
         device, dtype = (device, dtype) if tensor_parallel else (param.device, param.dtype)
+        if device.type == "cpu" and not tensor_parallel:
+            # Small decode steps: linear layers as W @ x.T over all threads (engine/cpu_linear.py).
+            use_small_rows_linear(self.model, threads.num_threads)
         if getattr(self.model.config, "_attn_implementation", None) != register_attention():
             # A model loaded elsewhere: route its attention through the paged cache.
             self.model.set_attn_implementation(register_attention())

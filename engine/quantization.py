@@ -177,7 +177,7 @@ def quantize_model(model: nn.Module, quantization: str | None, *, quantize_lm_he
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or (child is head and not quantize_lm_head):
+            if not isinstance(child, nn.Linear) or (child is head and not quantize_lm_head):
                 continue
             setattr(parent, name, make(child))
             replaced += 1

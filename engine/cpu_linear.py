@@ -1,0 +1,98 @@
+"""Linear layers for the few rows of a small decode step on the CPU, on all of torch's threads.
+
+A decode step of a few sequences multiplies a handful of rows by every weight matrix. With MKL
+(torch's CPU BLAS on x86), `F.linear` on 1..8 rows is the slow shape: a one-row product runs on
+one thread, and 2..8 rows run the `x @ W.T` GEMM at about half the speed of the same product
+taken as `W @ x.T` (BENCHMARKS.md, "Small decode batches on the CPU"). Here the same product is
+`W @ x.T` with W's output rows split into one chunk per thread, as one `bmm`, which MKL runs a
+chunk per thread. No new kernel: the same float32 multiply-adds, summed over the input dimension
+in MKL's GEMM order instead of its GEMV order (differences of a few float32 ulps).
+
+`use_small_rows_linear(model, num_threads)` switches a model's plain float32 `nn.Linear` layers
+(not the quantized ones) in place; larger row counts, other dtypes, devices and traced (compiled)
+forwards keep `F.linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Rows up to which `W @ x.T` beats `F.linear` (measured on MKL, 1 and 2 threads; BENCHMARKS.md).
+MAX_SMALL_ROWS = 8
+
+
+def small_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_chunks: int) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` as `W @ x.T`, W's rows split in `num_chunks` (one bmm).
+
+    x: [..., K] float32 with few rows; weight: [N, K] contiguous, N divisible by num_chunks.
+    """
+    rows = x.reshape(-1, x.shape[-1])  # [M, K]
+    m, n = rows.shape[0], weight.shape[0]
+    chunks = weight.view(num_chunks, n // num_chunks, weight.shape[1])  # [C, N/C, K]
+    out = torch.bmm(chunks, rows.t().expand(num_chunks, -1, -1))  # [C, N/C, M]
+    out = out.view(n, m).t().contiguous()  # [M, N]
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], n)
+
+
+def use_small_rows(rows: int, num_threads: int) -> bool:
+    """Whether `rows` rows take the `W @ x.T` path with this many threads."""
+    return 2 <= rows <= MAX_SMALL_ROWS or (rows == 1 and num_threads >= 2)
+
+
+class SmallRowsLinear(nn.Linear):
+    """An `nn.Linear` whose forward takes `small_rows_linear` for a few float32 rows on the CPU."""
+
+    num_chunks: int = 1
+    num_threads: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            x.dtype == torch.float32
+            and w.dtype == torch.float32
+            and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()  # inductor makes its own choice
+            and use_small_rows(x.numel() // x.shape[-1], self.num_threads)
+        ):
+            return small_rows_linear(x, w, self.bias, self.num_chunks)
+        return F.linear(x, w, self.bias)
+
+
+def chunks_for(out_features: int, num_threads: int) -> int:
+    """One chunk per thread when the output rows split evenly; else one chunk."""
+    return num_threads if num_threads > 1 and out_features % num_threads == 0 else 1
+
+
+def use_small_rows_linear(model: nn.Module, num_threads: int) -> int:
+    """Switch the model's plain float32 CPU `nn.Linear` layers to SmallRowsLinear; returns how many.
+
+    Only where torch's BLAS is MKL (the measured case). Weights stay where they are, unchanged.
+    """
+    if not torch.backends.mkl.is_available():
+        return 0
+    switched = 0
+    for module in model.modules():
+        if type(module) not in (nn.Linear, SmallRowsLinear):
+            continue
+        w = module.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32 or not w.is_contiguous():
+            continue
+        module.__class__ = SmallRowsLinear
+        module.num_threads = num_threads
+        module.num_chunks = chunks_for(module.out_features, num_threads)
+        switched += 1
+    return switched
+
+
+def restore_linear(model: nn.Module) -> int:
+    """Undo `use_small_rows_linear` (for side-by-side measurements); returns how many layers."""
+    restored = 0
+    for module in model.modules():
+        if type(module) is SmallRowsLinear:
+            module.__class__ = nn.Linear
+            restored += 1
+    return restored
