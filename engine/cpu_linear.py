@@ -55,6 +55,7 @@ class SmallRowsLinear(nn.Linear):
             x.dtype == torch.float32
             and w.dtype == torch.float32
             and x.device.type == "cpu"
+            and w.is_contiguous()
             and not torch.compiler.is_compiling()  # inductor makes its own choice
             and use_small_rows(x.numel() // x.shape[-1], self.num_threads)
         ):
