@@ -9,9 +9,29 @@ goes through the op.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 from tokenmill.kernels.attention import StepPlans, paged_attention, write_kv_cache
+
+# A compiled CPU step's plans: set around the compiled forward (`shared_step_plans`) and read by the
+# op's layers, so the 30 layers of a step plan once, as an eager step does. Per thread: each engine
+# runs its steps in one thread.
+_step = threading.local()
+
+
+@contextmanager
+def shared_step_plans() -> Iterator[StepPlans]:
+    """Within: the custom op's CPU layers share one fresh StepPlans (one compiled step)."""
+    previous = getattr(_step, "plans", None)
+    _step.plans = StepPlans()
+    try:
+        yield _step.plans
+    finally:
+        _step.plans = previous
 
 
 def paged_attention_step(
@@ -64,6 +84,7 @@ def paged_attention_step_op(
     return paged_attention_step(
         query.contiguous(), key.contiguous(), value.contiguous(), k_cache, v_cache, slot_mapping,
         block_tables, seq_lens, query_start_loc, scale, max_query_len, max_seq_len, sliding_window,
+        plans=None if query.is_cuda else getattr(_step, "plans", None),
     )
 
 
@@ -74,8 +95,8 @@ def _(query, key, value, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
 
 
 def attention_step(*args, plans: StepPlans | None = None) -> torch.Tensor:
-    """`paged_attention_step` through the custom op when traced by torch.compile (no plans: a
-    compiled graph serves many steps), directly otherwise."""
+    """`paged_attention_step` through the custom op when traced by torch.compile (the plans are not
+    an argument: a compiled graph serves many steps; see `shared_step_plans`), directly otherwise."""
     if torch.compiler.is_compiling():
         return paged_attention_step_op(*args)
     return paged_attention_step(*args, plans=plans)

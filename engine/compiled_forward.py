@@ -17,6 +17,7 @@ import time
 import torch
 
 from tokenmill.engine.attention_backend import AttentionContext
+from tokenmill.engine.attention_op import shared_step_plans
 from tokenmill.engine.input_buffers import InputBuffers
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,10 @@ class DecodeGraphs:
             graph[0].replay()
             return graph[1]
         ids, pos, ctx = self.inputs[bucket]
-        return _compiled_forward(self.model, ids, pos, ctx)
+        if self.buffers.device.type == "cuda":
+            return _compiled_forward(self.model, ids, pos, ctx)
+        with shared_step_plans():  # the CPU attention's layers plan once per step
+            return _compiled_forward(self.model, ids, pos, ctx)
 
     # ------------------------------------------------------------------ CUDA graphs
     def capture(self, buckets: list[int] | None = None) -> None:

@@ -9,8 +9,9 @@ chunk per thread. No new kernel: the same float32 multiply-adds, summed over the
 in MKL's GEMM order instead of its GEMV order (differences of a few float32 ulps).
 
 `use_small_rows_linear(model, num_threads)` switches a model's plain float32 `nn.Linear` layers
-(not the quantized ones) in place; larger row counts, other dtypes, devices and traced (compiled)
-forwards keep `F.linear`.
+(not the quantized ones) in place; larger row counts, other dtypes and devices keep `F.linear`. A
+compiled forward calls the same choice through one custom op per layer (`tokenmill::cpu_linear`),
+made when the graph runs.
 """
 
 from __future__ import annotations
@@ -43,6 +44,27 @@ def use_small_rows(rows: int, num_threads: int) -> bool:
     return 2 <= rows <= MAX_SMALL_ROWS or (rows == 1 and num_threads >= 2)
 
 
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_chunks: int,
+               num_threads: int) -> torch.Tensor:
+    """`F.linear`, or `small_rows_linear` when `x` has few enough rows (float32 on the CPU)."""
+    if use_small_rows(x.numel() // x.shape[-1], num_threads) and weight.is_contiguous():
+        return small_rows_linear(x, weight, bias, num_chunks)
+    return F.linear(x, weight, bias)
+
+
+# A compiled forward calls the same choice as one opaque op: the row count of a compiled graph is
+# symbolic (one graph serves every decode bucket), so the choice is made when the graph runs.
+@torch.library.custom_op("tokenmill::cpu_linear", mutates_args=())
+def cpu_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_chunks: int,
+                  num_threads: int) -> torch.Tensor:
+    return cpu_linear(x, weight, bias, num_chunks, num_threads)
+
+
+@cpu_linear_op.register_fake
+def _(x, weight, bias, num_chunks, num_threads) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 class SmallRowsLinear(nn.Linear):
     """An `nn.Linear` whose forward takes `small_rows_linear` for a few float32 rows on the CPU."""
 
@@ -51,16 +73,11 @@ class SmallRowsLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (
-            x.dtype == torch.float32
-            and w.dtype == torch.float32
-            and x.device.type == "cpu"
-            and w.is_contiguous()
-            and not torch.compiler.is_compiling()  # inductor makes its own choice
-            and use_small_rows(x.numel() // x.shape[-1], self.num_threads)
-        ):
-            return small_rows_linear(x, w, self.bias, self.num_chunks)
-        return F.linear(x, w, self.bias)
+        if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu":
+            return F.linear(x, w, self.bias)
+        if torch.compiler.is_compiling():
+            return cpu_linear_op(x, w, self.bias, self.num_chunks, self.num_threads)
+        return cpu_linear(x, w, self.bias, self.num_chunks, self.num_threads)
 
 
 def chunks_for(out_features: int, num_threads: int) -> int:

@@ -150,3 +150,28 @@ def test_int4_weights_run_through_the_compiled_forward(backend: str) -> None:
     prompts = random_prompts([5, 17, 9], seed=4)
     want = greedy(loaded, prompts, enforce_eager=True, quantization="int4")
     assert greedy(loaded, prompts, enforce_eager=False, quantization="int4") == want
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
+def test_compiled_cpu_step_plans_attention_once_and_splits_small_rows(backend: str, monkeypatch) -> None:
+    """On the CPU a compiled step's layers share one attention plan (as an eager step's do), and its
+    linear layers make the small-rows choice when the graph runs (engine/cpu_linear.py)."""
+    from tokenmill.engine import cpu_linear
+    from tokenmill.kernels import attention_reference
+
+    loaded, _ = tiny_pair("llama")
+    cpu_linear.use_small_rows_linear(loaded.model, num_threads=2)
+    runner = ModelRunner(loaded.model, num_blocks=16, block_size=8, max_num_seqs=8, max_model_len=64,
+                         enforce_eager=False)
+    eager = ModelRunner(loaded.model, num_blocks=16, block_size=8, max_num_seqs=8, max_model_len=64)
+    runner.run(_decode_batch(3))  # compile
+    plans, rows = [], []
+    real_plan, real_linear = attention_reference.plan_reference, cpu_linear.small_rows_linear
+    monkeypatch.setattr(attention_reference, "plan_reference", lambda *a, **k: plans.append(1) or real_plan(*a, **k))
+    monkeypatch.setattr(cpu_linear, "small_rows_linear", lambda x, *a: rows.append(x.shape) or real_linear(x, *a))
+    got = runner.run(_decode_batch(3))
+    assert len(plans) == 1  # one plan for every layer of the step
+    num_linear = sum(type(m) is cpu_linear.SmallRowsLinear for m in loaded.model.modules())
+    assert len(rows) == num_linear and all(shape[-2] == 4 for shape in rows)  # the bucket's 4 rows, split
+    torch.testing.assert_close(got, eager.run(_decode_batch(3)), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
