@@ -48,7 +48,8 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                num_threads: int) -> torch.Tensor:
     """`F.linear`, or `small_rows_linear` when `x` has few enough rows (float32 on the CPU)."""
     if use_small_rows(x.numel() // x.shape[-1], num_threads) and weight.is_contiguous():
-        return small_rows_linear(x, weight, bias, num_chunks)
+        # The layer may have been resized since it was switched (a tensor-parallel shard).
+        return small_rows_linear(x, weight, bias, num_chunks if weight.shape[0] % num_chunks == 0 else 1)
     return F.linear(x, weight, bias)
 
 

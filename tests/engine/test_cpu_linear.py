@@ -87,3 +87,15 @@ def test_engine_switches_cpu_layers_and_matches_f_linear() -> None:
     restore_linear(loaded.model)
     plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert switched == plain
+
+
+@needs_mkl
+def test_a_layer_resized_after_the_switch_still_runs() -> None:
+    """A switched layer whose weight was replaced by an uneven shard (tensor parallelism) falls back
+    to one chunk instead of failing."""
+    layer = nn.Linear(16, 8)
+    use_small_rows_linear(layer, num_threads=2)
+    layer.weight = nn.Parameter(torch.randn(3, 16))  # 3 rows: not divisible by the 2 chunks
+    layer.bias = nn.Parameter(torch.randn(3))
+    x = torch.randn(1, 16)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
