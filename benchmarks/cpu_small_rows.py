@@ -2,6 +2,7 @@
 `W @ x.T` split over the threads (engine/cpu_linear.py), in one process, alternating.
 
     PYTHONPATH=$PWD python benchmarks/cpu_small_rows.py [--threads 2] [--batch 1 2 4 8] [--rounds 2]
+    PYTHONPATH=$PWD python benchmarks/cpu_small_rows.py --quantization int8   # A/A: the noise
 
 For each batch size, `batch` greedy requests (16-token prompts, `--tokens` output tokens each) run
 to the end in each mode, `--rounds` times, alternating which mode goes first. Prints output tok/s
@@ -45,9 +46,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quantization", default=None, choices=("int8",),
+                        help="an A/A control: int8 quantizes every linear layer, the head too, so no layer "
+                             "switches and the two modes run the same code (their ratio is the noise)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    engine = LLMEngine.from_args(num_threads=args.threads, max_num_seqs=max(args.batch))
+    engine = LLMEngine.from_args(num_threads=args.threads, max_num_seqs=max(args.batch), quantization=args.quantization)
     model = engine.model
     modes = {
         "F.linear": lambda: restore_linear(model),

@@ -3,10 +3,14 @@
 A decode step of a few sequences multiplies a handful of rows by every weight matrix. With MKL
 (torch's CPU BLAS on x86), `F.linear` on 1..8 rows is the slow shape: a one-row product runs on
 one thread, and 2..8 rows run the `x @ W.T` GEMM at about half the speed of the same product
-taken as `W @ x.T` (BENCHMARKS.md, "Small decode batches on the CPU"). Here the same product is
-`W @ x.T` with W's output rows split into one chunk per thread, as one `bmm`, which MKL runs a
-chunk per thread. No new kernel: the same float32 multiply-adds, summed over the input dimension
-in MKL's GEMM order instead of its GEMV order (differences of a few float32 ulps).
+taken as `W @ x.T` (BENCHMARKS.md, "Small decode batches: linear layers as `W @ x.T` over the
+threads"). Here the same product is `W @ x.T` with W's output rows split into one chunk per
+thread, as one `bmm`, which MKL runs a chunk per thread. No new kernel: the same float32 multiply-adds, summed over the input dimension
+in MKL's GEMM order instead of its GEMV order (differences of a few float32 ulps; so a single
+stream's float32 results differ between 1 thread, which keeps `F.linear` for one row, and 2+).
+
+An engine switches the model it runs, also a model passed in (`LLM(loaded=...)`):
+`restore_linear(model)` switches it back, as HF baselines and tensor-parallel engines do.
 
 `use_small_rows_linear(model, num_threads)` switches a model's plain float32 `nn.Linear` layers
 (not the quantized ones) in place; larger row counts, other dtypes and devices keep `F.linear`. A
@@ -44,45 +48,42 @@ def use_small_rows(rows: int, num_threads: int) -> bool:
     return 2 <= rows <= MAX_SMALL_ROWS or (rows == 1 and num_threads >= 2)
 
 
-def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_chunks: int,
-               num_threads: int) -> torch.Tensor:
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_threads: int) -> torch.Tensor:
     """`F.linear`, or `small_rows_linear` when `x` has few enough rows (float32 on the CPU)."""
-    if use_small_rows(x.numel() // x.shape[-1], num_threads) and weight.is_contiguous():
-        # The layer may have been resized since it was switched (a tensor-parallel shard).
-        return small_rows_linear(x, weight, bias, num_chunks if weight.shape[0] % num_chunks == 0 else 1)
+    if x.shape[-1] and use_small_rows(x.numel() // x.shape[-1], num_threads) and weight.is_contiguous():
+        return small_rows_linear(x, weight, bias, chunks_for(weight.shape[0], num_threads))
     return F.linear(x, weight, bias)
 
 
 # A compiled forward calls the same choice as one opaque op: the row count of a compiled graph is
 # symbolic (one graph serves every decode bucket), so the choice is made when the graph runs.
 @torch.library.custom_op("tokenmill::cpu_linear", mutates_args=())
-def cpu_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_chunks: int,
-                  num_threads: int) -> torch.Tensor:
-    return cpu_linear(x, weight, bias, num_chunks, num_threads)
+def cpu_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_threads: int) -> torch.Tensor:
+    return cpu_linear(x, weight, bias, num_threads)
 
 
 @cpu_linear_op.register_fake
-def _(x, weight, bias, num_chunks, num_threads) -> torch.Tensor:
+def _(x, weight, bias, num_threads) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 class SmallRowsLinear(nn.Linear):
     """An `nn.Linear` whose forward takes `small_rows_linear` for a few float32 rows on the CPU."""
 
-    num_chunks: int = 1
-    num_threads: int = 1
+    num_threads: int = 1  # torch's threads when the layer was switched: the chunks W splits into
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu":
             return F.linear(x, w, self.bias)
         if torch.compiler.is_compiling():
-            return cpu_linear_op(x, w, self.bias, self.num_chunks, self.num_threads)
-        return cpu_linear(x, w, self.bias, self.num_chunks, self.num_threads)
+            return cpu_linear_op(x, w, self.bias, self.num_threads)
+        return cpu_linear(x, w, self.bias, self.num_threads)
 
 
 def chunks_for(out_features: int, num_threads: int) -> int:
-    """One chunk per thread when the output rows split evenly; else one chunk."""
+    """One chunk per thread when the output rows split evenly; else one chunk (also for a layer
+    resized after it was switched: a tensor-parallel shard)."""
     return num_threads if num_threads > 1 and out_features % num_threads == 0 else 1
 
 
@@ -102,7 +103,6 @@ def use_small_rows_linear(model: nn.Module, num_threads: int) -> int:
             continue
         module.__class__ = SmallRowsLinear
         module.num_threads = num_threads
-        module.num_chunks = chunks_for(module.out_features, num_threads)
         switched += 1
     return switched
 
@@ -113,5 +113,6 @@ def restore_linear(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is SmallRowsLinear:
             module.__class__ = nn.Linear
+            module.__dict__.pop("num_threads", None)
             restored += 1
     return restored

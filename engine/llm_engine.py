@@ -14,7 +14,7 @@ import torch
 from tokenmill.engine.attention_backend import register_attention
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from tokenmill.engine.cpu_linear import use_small_rows_linear
+from tokenmill.engine.cpu_linear import restore_linear, use_small_rows_linear
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.errors import QueueFullError
 from tokenmill.engine.executor import make_executor
@@ -105,6 +105,8 @@ class LLMEngine:
         if device.type == "cpu" and not tensor_parallel:
             # Small decode steps: linear layers as W @ x.T over all threads (engine/cpu_linear.py).
             use_small_rows_linear(self.model, threads.num_threads)
+        else:
+            restore_linear(self.model)  # switched by a CPU engine before: the ranks shard plain layers
         if getattr(self.model.config, "_attn_implementation", None) != register_attention():
             # A model loaded elsewhere: route its attention through the paged cache.
             self.model.set_attn_implementation(register_attention())

@@ -27,6 +27,8 @@ import warnings
 import torch
 from torch import nn
 
+from tokenmill.engine.cpu_linear import SmallRowsLinear
+
 logger = logging.getLogger(__name__)
 
 QUANTIZATION_MODES = ("int8", "int4")
@@ -177,7 +179,7 @@ def quantize_model(model: nn.Module, quantization: str | None, *, quantize_lm_he
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear) or (child is head and not quantize_lm_head):
+            if type(child) not in (nn.Linear, SmallRowsLinear) or (child is head and not quantize_lm_head):
                 continue
             setattr(parent, name, make(child))
             replaced += 1

@@ -50,7 +50,7 @@ def test_switch_routes_small_rows_and_restores(monkeypatch) -> None:
     expected = model[:3](x)
     assert use_small_rows_linear(model, num_threads=2) == 2
     assert [type(m) for m in model] == [SmallRowsLinear, nn.ReLU, SmallRowsLinear, nn.Linear]
-    assert model[0].num_chunks == 2 and model[2].num_chunks == 2
+    assert model[0].num_threads == 2 and chunks_for(model[0].out_features, 2) == 2
     calls = []
     real = cpu_linear.small_rows_linear
     monkeypatch.setattr(cpu_linear, "small_rows_linear", lambda *a: calls.append(a[0].shape) or real(*a))
@@ -58,15 +58,17 @@ def test_switch_routes_small_rows_and_restores(monkeypatch) -> None:
     assert calls == [(2, 16), (2, 8)]
     model[:3](torch.randn(cpu_linear.MAX_SMALL_ROWS + 1, 16))  # many rows: F.linear
     assert len(calls) == 2
-    assert restore_linear(model) == 2 and type(model[0]) is nn.Linear
+    assert restore_linear(model) == 2 and type(model[0]) is nn.Linear and "num_threads" not in vars(model[0])
 
 
 @needs_mkl
 def test_quantization_still_finds_switched_layers() -> None:
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
+    model.append(nn.modules.linear.NonDynamicallyQuantizableLinear(16, 8))  # a subclass with its own role
     use_small_rows_linear(model, num_threads=2)
     quantize_model(model, "int8")
-    assert all(type(m) is Int8DynamicLinear for m in model)
+    assert [type(m) for m in model][:2] == [Int8DynamicLinear, Int8DynamicLinear]
+    assert type(model[2]) is nn.modules.linear.NonDynamicallyQuantizableLinear  # neither switched nor quantized
     assert use_small_rows_linear(model, num_threads=2) == 0  # quantized layers are not switched
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from tokenmill.bench.models import attention
+from tokenmill.engine.cpu_linear import restore_linear
 from tokenmill.bench.workload import BenchRequest
 
 WARMUP_PROMPT_LEN = 8
@@ -226,6 +227,7 @@ def _hf_generate_batch(model: Any, batch: list[BenchRequest], spec: DecodeSpec, 
 def run_hf_generate(model: Any, requests: list[BenchRequest], spec: DecodeSpec, batch_size: int, warmup: bool) -> RunResult:
     if batch_size < 1:
         raise ValueError(f"hf_batch_size={batch_size} is invalid: allowed an integer >= 1")
+    restore_linear(model)  # HF's own layers, not those a tokenmill engine switched (engine/cpu_linear.py)
     device = model.device
     pad_id = model.generation_config.pad_token_id
     if pad_id is None:
@@ -304,6 +306,7 @@ def run_hf_generate_batch(
         return skipped(name, spec.name, "transformers' continuous batching has no beam search")
     from transformers import GenerationConfig
 
+    restore_linear(model)  # HF's own layers, not those a tokenmill engine switched (engine/cpu_linear.py)
     device = model.device
     total_tokens = sum(r.prompt_len + r.output_len for r in requests) + 2 * (WARMUP_PROMPT_LEN + WARMUP_OUTPUT_LEN)
     gen_config = GenerationConfig(
