@@ -101,3 +101,21 @@ def test_a_layer_resized_after_the_switch_still_runs() -> None:
     layer.bias = nn.Parameter(torch.randn(3))
     x = torch.randn(1, 16)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_hf_baseline_runs_hf_layers_after_a_tokenmill_engine() -> None:
+    """The benchmark's HF `generate` baseline gets the model back as HF made it, after a tokenmill
+    engine on the same model switched its layers."""
+    from tests.engine.helpers import tiny_pair
+    from tokenmill.bench import backends
+    from tokenmill.bench.workload import BenchRequest
+    from tokenmill.engine.llm import LLM
+
+    loaded, _ = tiny_pair("llama")
+    LLM(loaded=loaded, num_threads=2)
+    assert any(type(m) is SmallRowsLinear for m in loaded.model.modules())
+    result = backends.run_hf_generate(loaded.model, [BenchRequest((1, 2, 3), None, 4)], backends.DecodeSpec("greedy"),
+                                      batch_size=1, warmup=False)
+    assert result.num_output_tokens == 4
+    assert not any(type(m) is SmallRowsLinear for m in loaded.model.modules())

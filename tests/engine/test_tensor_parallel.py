@@ -11,6 +11,7 @@ import ray
 import torch
 
 from tests.engine.helpers import random_prompts, tiny_config, tiny_pair
+from tokenmill.engine.cpu_linear import SmallRowsLinear, use_small_rows_linear
 from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.engine.config import ParallelConfig
 from tokenmill.engine.errors import EngineDeadError
@@ -32,7 +33,11 @@ def ray_cluster():
 def make_engine(tp: int, **kwargs) -> LLMEngine:
     loaded, _ = tiny_pair("llama")
     kwargs.setdefault("num_kv_blocks", 96)
-    return LLMEngine.from_args(loaded=loaded, tensor_parallel_size=tp, block_size=4, **kwargs)
+    if tp > 1 and torch.backends.mkl.is_available():  # a model a CPU engine ran before: switched layers
+        assert use_small_rows_linear(loaded.model, num_threads=2) > 0
+    engine = LLMEngine.from_args(loaded=loaded, tensor_parallel_size=tp, block_size=4, **kwargs)
+    assert not any(type(m) is SmallRowsLinear for m in loaded.model.modules()) or tp == 1
+    return engine
 
 
 @pytest.fixture(scope="module")
