@@ -5,9 +5,10 @@ A decode step of a few sequences multiplies a handful of rows by every weight ma
 one thread, and 2..8 rows run the `x @ W.T` GEMM at about half the speed of the same product
 taken as `W @ x.T` (BENCHMARKS.md, "Small decode batches: linear layers as `W @ x.T` over the
 threads"). Here the same product is `W @ x.T` with W's output rows split into one chunk per
-thread, as one `bmm`, which MKL runs a chunk per thread. No new kernel: the same float32 multiply-adds, summed over the input dimension
-in MKL's GEMM order instead of its GEMV order (differences of a few float32 ulps; so a single
-stream's float32 results differ between 1 thread, which keeps `F.linear` for one row, and 2+).
+thread, as one `bmm`, which MKL runs a chunk per thread. No new kernel: the same float32
+multiply-adds, summed over the input dimension in MKL's GEMM order instead of its GEMV order
+(differences of a few float32 ulps; so a single stream's float32 results differ between 1 thread,
+which keeps `F.linear` for one row, and 2+).
 
 An engine switches the model it runs, also a model passed in (`LLM(loaded=...)`):
 `restore_linear(model)` switches it back, as HF baselines and tensor-parallel engines do.
