@@ -28,7 +28,8 @@ PROMPTS = [[1, 504, 3458, 282, 4649, 314, 253, 2569, 30, 1045, 2107, 357, 253, 1
 
 def run(engine: LLMEngine, batch: int, tokens: int) -> tuple[float, float, list[list[int]]]:
     """(wall s, CPU s, output token ids) of `batch` requests run to the end."""
-    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True, do_sample=False, detokenize=False, output_kind="final")
+    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True, do_sample=False, detokenize=False,
+                            output_kind="final")
     wall, cpu = time.perf_counter(), time.process_time()
     for i in range(batch):
         engine.add_request(f"r{i}", PROMPTS[i % len(PROMPTS)], params)
@@ -84,7 +85,8 @@ def main() -> None:
             "same_tokens": f"{same}/{batch}",
         }
         results.append(row)
-        print(f"batch {batch}: split / F.linear = {row['speedup_wall']:.2f}x wall, {row['speedup_cpu']:.2f}x per CPU s; "
+        print(f"batch {batch}: split / F.linear = {row['speedup_wall']:.2f}x wall, "
+              f"{row['speedup_cpu']:.2f}x per CPU s; "
               f"identical outputs {row['same_tokens']}", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

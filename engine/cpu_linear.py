@@ -29,7 +29,8 @@ from torch import nn
 MAX_SMALL_ROWS = 8
 
 
-def small_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_chunks: int) -> torch.Tensor:
+def small_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      num_chunks: int) -> torch.Tensor:
     """`F.linear(x, weight, bias)` as `W @ x.T`, W's rows split in `num_chunks` (one bmm).
 
     x: [..., K] float32 with few rows; weight: [N, K] contiguous, N divisible by num_chunks.
