@@ -25,6 +25,7 @@ from ray import serve
 
 from tokenmill.engine.async_engine import AsyncEngineConfig, AsyncLLMEngine
 from tokenmill.serve.api import build_app
+from tokenmill.serve.engine_core import STALLED_LOOP_S
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,13 @@ class EngineCoreServer:
     def check_health(self) -> None:
         if not self.core.is_alive:
             raise RuntimeError(f"engine core loop is not running: {self.core.dead_reason}")
+        stalled = self.core.stalled_for
+        if stalled > STALLED_LOOP_S:  # alive but stuck: Serve replaces it, as a dead one
+            if not getattr(self, "_stall_logged", False):
+                self._stall_logged = True
+                logger.error("engine core %s: its loop has not come round for %.0f s; it is at:\n%s",
+                             self.core.core_id, stalled, self.core.loop_stack())
+            raise RuntimeError(f"engine core loop stalled for {stalled:.0f} s outside a step")
 
     def __del__(self) -> None:
         core = getattr(self, "core", None)

@@ -17,7 +17,10 @@ import hmac
 import logging
 import os
 import pickle
+import sys
 import threading
+import time
+import traceback
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,6 +33,9 @@ from tokenmill.serve.engine_core_messages import decode_params, pack, pack_promp
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 200  # how often an idle loop looks at its stop flag
+# A loop that has not come round for this long outside an engine step is stuck (a step may take
+# long; the rest of an iteration takes milliseconds): the core reports itself unhealthy.
+STALLED_LOOP_S = 20.0
 
 
 def _parse(frames: list[bytes]) -> tuple[bytes, list[Any]] | None:
@@ -80,6 +86,8 @@ class EngineCore:
         self._scores_sent: set[str] = set()  # requests whose prompt log-probs went out (sent once)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"tokenmill-engine-core-{core_id}", daemon=True)
+        self._last_round = time.monotonic()  # when the loop last came round (or started a step)
+        self._stepping = False
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "EngineCore":
@@ -93,6 +101,18 @@ class EngineCore:
     @property
     def num_clients(self) -> int:
         return len(self._clients)
+
+    @property
+    def stalled_for(self) -> float:
+        """Seconds the loop has not come round, outside an engine step (0 while a step runs)."""
+        if self._stepping or not self._thread.is_alive():
+            return 0.0
+        return time.monotonic() - self._last_round
+
+    def loop_stack(self) -> str:
+        """Where the loop thread is now (for the log of a stalled core)."""
+        frame = sys._current_frames().get(self._thread.ident or -1)
+        return "".join(traceback.format_stack(frame)) if frame is not None else "(the loop thread is not running)"
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
@@ -119,11 +139,18 @@ class EngineCore:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
+                self._last_round = time.monotonic()
                 replies: dict[bytes, _Reply] = defaultdict(_Reply)
                 busy = self.engine.has_unfinished_requests()
                 changed = self._receive(0 if busy else IDLE_POLL_MS, replies)
                 if self.engine.has_unfinished_requests():
-                    self._route(self.engine.step(), replies)
+                    self._stepping = True
+                    try:
+                        outputs = self.engine.step()
+                    finally:
+                        self._stepping = False
+                        self._last_round = time.monotonic()
+                    self._route(outputs, replies)
                     changed = True
                 while changed:  # a client found gone had its requests aborted: tell the others
                     changed = self._send(replies)

@@ -5,12 +5,14 @@ failed on its own connects again to the live core instead of answering 503 forev
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
 
+from tokenmill.engine.llm_engine import EngineStats
 from tokenmill.serve.deployment import EngineCoreServer, LLMServer
 from tokenmill.serve.engine_core import EngineCore
 
@@ -121,3 +123,52 @@ def test_an_api_replica_check_survives_a_core_that_dies_during_the_reconnect():
     assert not server.engine.cores[0].is_alive
     asyncio.run(server.check_health())
     assert server.engine.cores[0].is_alive and len(server.engine.replaced) == 2
+
+
+class StallingEngine(IdleEngine):
+    """An idle engine whose loop gets stuck (outside any step) once `stall` is set, or whose one
+    request takes a long step."""
+
+    def __init__(self) -> None:
+        self.stall = threading.Event()
+        self.release = threading.Event()
+        self.pending_step_s: float | None = None
+
+    def has_unfinished_requests(self) -> bool:
+        if self.stall.is_set():
+            self.release.wait(30)  # where a stuck loop sits: named in the log
+        return self.pending_step_s is not None
+
+    def step(self) -> list:
+        time.sleep(self.pending_step_s or 0)
+        self.pending_step_s = None
+        return []
+
+    def get_stats(self) -> EngineStats:
+        return EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0, 0)
+
+
+def test_a_stalled_core_loop_fails_the_health_check_with_its_stack(monkeypatch, caplog):
+    from tokenmill.serve import deployment
+
+    monkeypatch.setattr(deployment, "STALLED_LOOP_S", 0.5)
+    engine = StallingEngine()
+    server = SimpleNamespace(core=EngineCore(engine, bind="inproc://tokenmill-health-stall").start())
+    check = lambda: EngineCoreServer.func_or_class.check_health(server)  # noqa: E731
+    try:
+        engine.pending_step_s = 1.5  # a long step is not a stall
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            check()
+            time.sleep(0.1)
+        assert engine.pending_step_s is None  # the step ran
+        engine.stall.set()
+        time.sleep(1.0)
+        with caplog.at_level("ERROR", logger="tokenmill.serve.deployment"), pytest.raises(RuntimeError, match="stalled"):
+            check()
+        assert "has_unfinished_requests" in caplog.text and "release.wait" in caplog.text
+        assert server.core.is_alive  # alive but stuck: only the health check can tell
+    finally:
+        engine.release.set()
+        engine.stall.clear()
+        server.core.shutdown(timeout_s=5)
