@@ -60,7 +60,7 @@ class CoreConnection:
         self.socket.setsockopt(zmq.RCVHWM, 0)
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.socket.connect(address)
         self.info = self._handshake(connect_timeout_s, token)
         self.stats: dict[str, Any] = self.info.pop("stats")
@@ -79,9 +79,11 @@ class CoreConnection:
     def _handshake(self, timeout_s: float, token: str | None) -> dict[str, Any]:
         self.socket.send(pack(["hello", token]))
         if not self.socket.poll(int(timeout_s * 1000)):
+            connected = self._saw_connection()  # tells a core that is unreachable from one that is silent
             self.socket.close()
             self.monitor.close()
-            raise EngineDeadError(f"the engine core at {self.address} did not answer within {timeout_s} s")
+            raise EngineDeadError(f"the engine core at {self.address} did not answer within {timeout_s} s "
+                                  f"({'connected, no reply' if connected else 'no connection made'})")
         message = unpack(self.socket.recv())
         if message[0] != "welcome":
             self.socket.close()
@@ -234,6 +236,16 @@ class CoreConnection:
                 deliveries.setdefault(stream.loop, []).append((stream, state.output()))
         if ended:
             self.socket.send(pack(["abort", ended]))
+
+    def _saw_connection(self) -> bool:
+        """Whether the monitor reported the socket's connection (read before the handshake's end)."""
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            if event["event"] == zmq.EVENT_CONNECTED:
+                return True
 
     def _disconnected(self) -> bool:
         while True:

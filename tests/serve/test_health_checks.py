@@ -172,3 +172,21 @@ def test_a_stalled_core_loop_fails_the_health_check_with_its_stack(monkeypatch, 
         engine.release.set()
         engine.stall.clear()
         server.core.shutdown(timeout_s=5)
+
+
+def test_a_silent_core_and_an_unreachable_one_are_told_apart_at_the_hello():
+    import zmq
+
+    from tokenmill.engine.errors import EngineDeadError
+    from tokenmill.serve.engine_core_client import CoreConnection
+
+    silent = zmq.Context.instance().socket(zmq.ROUTER)  # accepts connections, never answers
+    silent.setsockopt(zmq.LINGER, 0)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with pytest.raises(EngineDeadError, match="connected, no reply"):
+            CoreConnection(f"tcp://127.0.0.1:{port}", connect_timeout_s=1.0)
+    finally:
+        silent.close()
+    with pytest.raises(EngineDeadError, match="no connection made"):
+        CoreConnection(f"tcp://127.0.0.1:{port}", connect_timeout_s=0.5)  # nobody listens there now
