@@ -53,7 +53,12 @@ class CoreConnection:
     def __init__(self, address: str, *, context: zmq.Context | None = None, connect_timeout_s: float = 60.0,
                  token: str | None = None) -> None:
         self.address = address
-        self.context = context or zmq.Context.instance()
+        # A connection over TCP has a ZMQ context of its own (I/O thread included), ended with it: a
+        # replacement's connection never shares the state of one that died (a replacement core once
+        # could not be reached from an API replica whose shared context had served the dead core's
+        # connection). In-process cores pass theirs (inproc needs the core's context).
+        self._own_context = context is None
+        self.context = context or zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -80,14 +85,12 @@ class CoreConnection:
         self.socket.send(pack(["hello", token]))
         if not self.socket.poll(int(timeout_s * 1000)):
             connected = self._saw_connection()  # tells a core that is unreachable from one that is silent
-            self.socket.close()
-            self.monitor.close()
+            self._close_sockets()
             raise EngineDeadError(f"the engine core at {self.address} did not answer within {timeout_s} s "
                                   f"({'connected, no reply' if connected else 'no connection made'})")
         message = unpack(self.socket.recv())
         if message[0] != "welcome":
-            self.socket.close()
-            self.monitor.close()
+            self._close_sockets()
             raise EngineDeadError(f"the engine core at {self.address} answered {message[0]!r}: {message[1:]!r}")
         return pickle.loads(message[1])
 
@@ -237,6 +240,14 @@ class CoreConnection:
         if ended:
             self.socket.send(pack(["abort", ended]))
 
+    def _close_sockets(self) -> None:
+        """Close the socket and its monitor, and end the context when it is this connection's own
+        (in a daemon thread: ending a context waits for its I/O thread, which must never hold us)."""
+        self.socket.close(linger=0)
+        self.monitor.close(linger=0)
+        if self._own_context:
+            threading.Thread(target=self.context.term, name="tokenmill-core-client-term", daemon=True).start()
+
     def _saw_connection(self) -> bool:
         """Whether the monitor reported the socket's connection (read before the handshake's end)."""
         while True:
@@ -293,7 +304,6 @@ class CoreConnection:
         self._pending_adds.clear()
         self._states.clear()
         self._deliver(deliveries)
-        self.socket.close()
-        self.monitor.close()
+        self._close_sockets()
         os.close(self._wake_r)
         os.close(self._wake_w)
