@@ -84,7 +84,7 @@ class CoreConnection:
     def _handshake(self, timeout_s: float, token: str | None) -> dict[str, Any]:
         self.socket.send(pack(["hello", token]))
         if not self.socket.poll(int(timeout_s * 1000)):
-            connected = self._saw_connection()  # tells a core that is unreachable from one that is silent
+            connected = self._monitor_saw(zmq.EVENT_CONNECTED)  # tells a core that is unreachable from one that is silent
             self._close_sockets()
             raise EngineDeadError(f"the engine core at {self.address} did not answer within {timeout_s} s "
                                   f"({'connected, no reply' if connected else 'no connection made'})")
@@ -157,7 +157,7 @@ class CoreConnection:
                     if dead is not None:
                         reason = dead
                         break
-                if self.monitor in events and self._disconnected():
+                if self.monitor in events and self._monitor_saw(zmq.EVENT_DISCONNECTED):
                     reason = f"the engine core at {self.address} disconnected (its process stopped)"
                     break
                 self._expire_deadlines(deliveries)
@@ -248,23 +248,14 @@ class CoreConnection:
         if self._own_context:
             threading.Thread(target=self.context.term, name="tokenmill-core-client-term", daemon=True).start()
 
-    def _saw_connection(self) -> bool:
-        """Whether the monitor reported the socket's connection (read before the handshake's end)."""
+    def _monitor_saw(self, wanted: int) -> bool:
+        """Whether the monitor has reported `wanted` (a zmq.EVENT_*), reading its queued events."""
         while True:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return False
-            if event["event"] == zmq.EVENT_CONNECTED:
-                return True
-
-    def _disconnected(self) -> bool:
-        while True:
-            try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return False
-            if event["event"] == zmq.EVENT_DISCONNECTED:
+            if event["event"] == wanted:
                 return True
 
     def _expire_deadlines(self, deliveries: dict[Any, list[tuple[Stream, Any]]]) -> None:
