@@ -65,22 +65,19 @@ def paged_attention_step(
     )
 
 
-@torch.library.custom_op("tokenmill::paged_attention_step", mutates_args=("k_cache", "v_cache"))
-def paged_attention_step_op(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    max_query_len: int,
-    max_seq_len: int,
-    sliding_window: int,
-) -> torch.Tensor:
+# Registered through the plain `torch.library.Library` API: a `torch.library.custom_op` wrapper
+# adds ~0.1 ms of Python per call for a mutating op (argument defaults, version bumps), 3 ms of a
+# 30-layer CPU decode step. The schema marks the two caches as written in place.
+_lib = torch.library.Library("tokenmill", "FRAGMENT")
+_lib.define(
+    "paged_attention_step(Tensor query, Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+    "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, float scale, "
+    "int max_query_len, int max_seq_len, int sliding_window) -> Tensor"
+)
+
+
+def _paged_attention_step_impl(query, key, value, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
+                               query_start_loc, scale, max_query_len, max_seq_len, sliding_window):
     return paged_attention_step(
         query.contiguous(), key.contiguous(), value.contiguous(), k_cache, v_cache, slot_mapping,
         block_tables, seq_lens, query_start_loc, scale, max_query_len, max_seq_len, sliding_window,
@@ -88,7 +85,11 @@ def paged_attention_step_op(
     )
 
 
-@paged_attention_step_op.register_fake
+_lib.impl("paged_attention_step", _paged_attention_step_impl, "CompositeExplicitAutograd")
+paged_attention_step_op = torch.ops.tokenmill.paged_attention_step.default
+
+
+@torch.library.register_fake("tokenmill::paged_attention_step", lib=_lib)
 def _(query, key, value, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
       scale, max_query_len, max_seq_len, sliding_window) -> torch.Tensor:
     return torch.empty_like(query, memory_format=torch.contiguous_format)

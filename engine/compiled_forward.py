@@ -23,15 +23,16 @@ from tokenmill.engine.input_buffers import InputBuffers
 logger = logging.getLogger(__name__)
 
 
-def decode_buckets(max_num_seqs: int) -> list[int]:
+def decode_buckets(max_num_seqs: int, single: bool = False) -> list[int]:
     """Padded batch sizes: 2, 4, 8, then every 8 up to 256, every 16 above; max_num_seqs last.
 
-    No bucket of 1 (unless max_num_seqs is 1): dynamo specializes a dimension of size 1, so a
-    bucket of 1 would compile the whole model a second time (minutes for a large one). A single
-    decode runs padded to 2 rows instead, which costs next to nothing where the step reads every
-    weight once whatever the batch."""
+    A bucket of 1 only with `single` (the CPU): dynamo specializes a dimension of size 1, so a
+    bucket of 1 compiles the whole model a second time (minutes for a large one). On a GPU a single
+    decode runs padded to 2 rows, which costs next to nothing where the step reads every weight
+    once whatever the batch; on the CPU one row takes the linear layers' fast matrix-vector shape
+    (~25 ms against ~45 ms for two rows on the default model, BENCHMARKS.md)."""
     sizes = [2, 4, 8] + list(range(16, 257, 8)) + list(range(272, max_num_seqs + 1, 16))
-    return sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs})
+    return sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs} | ({1} if single else set()))
 
 
 def model_forward(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -60,7 +61,7 @@ class DecodeGraphs:
     ) -> None:
         self.model = model
         self.buffers = buffers
-        self.buckets = decode_buckets(max_num_seqs)
+        self.buckets = decode_buckets(max_num_seqs, single=buffers.device.type == "cpu")
         # One graph per bucket, and no shape may fall back to eager for want of room.
         limit = len(self.buckets) + 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)

@@ -80,10 +80,7 @@ class LLMEngine:
         tensor_parallel = config.parallel.tensor_parallel_size > 1
         if tensor_parallel and config.scheduler.async_scheduling:
             raise ValueError("async_scheduling=True is invalid with tensor_parallel_size > 1: allowed False or None")
-        # A model passed in runs where its weights are (the runner follows them), not on `device`.
-        run_device = device if loaded is None or tensor_parallel else next(loaded.model.parameters()).device
-        check_quantization_fits(config.model.quantization, resolve_enforce_eager(config.enforce_eager, run_device),
-                                config.parallel.tensor_parallel_size)
+        check_quantization_fits(config.model.quantization, config.parallel.tensor_parallel_size)
         if loaded is None:
             loaded = load_model(
                 config.model.model,

@@ -21,8 +21,10 @@ Both are CPU-only: :func:`check_quantization` rejects them on another device.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -59,7 +61,7 @@ def check_quantization(quantization: str | None, device: torch.device | str | No
         )
 
 
-def check_quantization_fits(quantization: str | None, enforce_eager: bool, tensor_parallel_size: int) -> None:
+def check_quantization_fits(quantization: str | None, tensor_parallel_size: int) -> None:
     """ValueError for a mode the rest of the engine configuration cannot run."""
     if quantization is None:
         return
@@ -67,11 +69,6 @@ def check_quantization_fits(quantization: str | None, enforce_eager: bool, tenso
         raise ValueError(
             f"quantization={quantization!r} is invalid with tensor_parallel_size={tensor_parallel_size}: "
             "the ranks shard float weights; allowed None, or tensor_parallel_size=1"
-        )
-    if quantization == "int8" and not enforce_eager:
-        raise ValueError(
-            "quantization='int8' is invalid with enforce_eager=False: torch.compile cannot trace fbgemm's "
-            "packed int8 weights; allowed enforce_eager=True (the CPU default), or quantization='int4'"
         )
 
 
@@ -116,8 +113,15 @@ class Int8DynamicLinear(_QuantizedLinear):
         range_row = torch.zeros(1, linear.in_features)
         range_row[0, 0], range_row[0, -1] = 1.0, -1.0
         self.register_buffer("range_row", range_row, persistent=False)  # [1, K]
+        self.layer_id = next(_layer_ids)
+        _INT8_LAYERS[self.layer_id] = self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
+        if torch.compiler.is_compiling():  # the packed weights are opaque to the compiler
+            return int8_linear_op(x, self.layer_id, self.out_features)
+        return self.matmul(x)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()  # [M, K]
         row_max = flat.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # [M, 1]
         rows = torch.cat([flat / row_max, self.range_row])  # [M + 1, K], every value in [-1, 1]
@@ -126,6 +130,22 @@ class Int8DynamicLinear(_QuantizedLinear):
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+# A compiled forward (`enforce_eager=False`) calls each int8 layer as one opaque op: fbgemm's packed
+# weights are a TorchScript object torch.compile cannot trace, so the graph carries the layer's
+# number and the op finds the layer (weakly held: a dropped model frees its layers).
+_INT8_LAYERS: "weakref.WeakValueDictionary[int, Int8DynamicLinear]" = weakref.WeakValueDictionary()
+_layer_ids = itertools.count()
+_lib = torch.library.Library("tokenmill", "FRAGMENT")
+_lib.define("int8_linear(Tensor x, int layer_id, int out_features) -> Tensor")
+_lib.impl("int8_linear", lambda x, layer_id, out_features: _INT8_LAYERS[layer_id].matmul(x), "CPU")
+int8_linear_op = torch.ops.tokenmill.int8_linear.default
+
+
+@torch.library.register_fake("tokenmill::int8_linear", lib=_lib)
+def _(x, layer_id, out_features) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 class Int4WeightOnlyLinear(_QuantizedLinear):

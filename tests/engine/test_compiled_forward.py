@@ -47,13 +47,15 @@ def test_decode_buckets() -> None:
     assert decode_buckets(6) == [2, 4, 6]
     assert decode_buckets(64) == [2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert decode_buckets(300)[-4:] == [256, 272, 288, 300]
+    assert decode_buckets(6, single=True) == [1, 2, 4, 6]  # the CPU's: one row apart
 
 
 @pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_compiled_greedy_matches_eager(arch: str, backend: str) -> None:
     loaded, _ = tiny_pair(arch)
-    # 7 prompts at max_num_seqs=4: decode steps of 4, 3, 2 and 1 sequences (buckets 4, 4, 2, 2).
+    # 7 prompts at max_num_seqs=4, all of one output length: decode steps of 4, then 3 sequences
+    # (bucket 4 for both).
     prompts = random_prompts([5, 17, 9, 30, 3, 12, 21], seed=3)
     want = greedy(loaded, prompts, enforce_eager=True)
     assert counters["stats"]["unique_graphs"] == 0
@@ -119,10 +121,11 @@ def test_runners_with_other_cache_sizes_share_the_compiled_graph(backend: str) -
     for num_blocks, max_model_len in ((16, 64), (24, 64), (40, 128)):
         runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=8, max_num_seqs=8,
                              max_model_len=max_model_len, enforce_eager=False)
-        for num_seqs in (3, 1):  # buckets 4 and 2: a single decode runs padded, not compiled apart
+        for num_seqs in (3, 1):  # buckets 4 and (on the CPU) 1
             assert runner.run(_decode_batch(num_seqs)).shape == (num_seqs, loaded.model.config.vocab_size)
-    assert runner.prepare_inputs(_decode_batch(1))[1] == 2
-    assert counters["stats"]["unique_graphs"] == 1
+    assert runner.prepare_inputs(_decode_batch(1))[1] == 1
+    assert runner.prepare_inputs(_decode_batch(2))[1] == 2
+    assert counters["stats"]["unique_graphs"] == 2  # the dynamic batch's and one row's, for all three
 
 
 def test_enforce_eager_flag_and_device_default() -> None:
@@ -141,15 +144,30 @@ def test_enforce_eager_flag_and_device_default() -> None:
 
 
 @pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
-def test_int4_weights_run_through_the_compiled_forward(backend: str) -> None:
-    """int4 traces (int8's packed fbgemm weights cannot, and the engine refuses that pair)."""
-    from tokenmill.engine.quantization import quantize_model
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_quantized_weights_run_through_the_compiled_forward(backend: str, mode: str) -> None:
+    """int4 traces; int8's packed fbgemm weights cannot, so each int8 layer is one opaque op
+    (`tokenmill::int8_linear`) in the graph, running the eager layer's code."""
+    from tokenmill.engine import quantization
 
     loaded, _ = tiny_pair("llama")
-    quantize_model(loaded.model, "int4")
+    quantization.quantize_model(loaded.model, mode)
     prompts = random_prompts([5, 17, 9], seed=4)
-    want = greedy(loaded, prompts, enforce_eager=True, quantization="int4")
-    assert greedy(loaded, prompts, enforce_eager=False, quantization="int4") == want
+    want = greedy(loaded, prompts, enforce_eager=True, quantization=mode)
+    op_calls = []
+
+    class CountingLayers(dict):  # the op finds its layer here
+        def __getitem__(self, layer_id):
+            op_calls.append(layer_id)
+            return super().__getitem__(layer_id)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantization, "_INT8_LAYERS", CountingLayers(quantization._INT8_LAYERS))
+        assert greedy(loaded, prompts, enforce_eager=False, quantization=mode) == want
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    num_int8 = sum(isinstance(m, quantization.Int8DynamicLinear) for m in loaded.model.modules())
+    assert len(set(op_calls)) == num_int8 and (num_int8 > 0) == (mode == "int8")  # every int8 layer, through the op
 
 
 @pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)

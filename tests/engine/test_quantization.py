@@ -110,10 +110,6 @@ def test_int8_model_passed_in_runs_where_its_weights_are(monkeypatch) -> None:
 
 
 def test_engine_rejects_quantization_it_cannot_run_before_loading_anything() -> None:
-    loaded, _ = tiny_pair("llama")
-    quantize_model(loaded.model, "int8")
-    with pytest.raises(ValueError, match=r"quantization='int8' is invalid with enforce_eager=False: .*allowed"):
-        LLM(loaded=loaded, quantization="int8", enforce_eager=False)
     with pytest.raises(ValueError, match=r"quantization='int4' is invalid with tensor_parallel_size=2: .*allowed None"):
         LLM(model="unused", quantization="int4", tensor_parallel_size=2)
 
