@@ -93,6 +93,7 @@ def run_kind(loaded: LoadedModel, args, kind: str | None, detokenize: bool, prof
     engine = LLMEngine.from_args(
         loaded=loaded, max_num_seqs=args.num_seqs, max_num_batched_tokens=max(2048, args.num_seqs * args.prompt_len),
         num_kv_blocks=args.num_seqs * (-(-(args.prompt_len + args.max_tokens) // 16)) + 16, max_model_len=1024,
+        num_threads=1,  # the engine sets torch's threads (default: the usable cores); CPU time needs one
         **({"async_scheduling": True} if args.async_scheduling else {}),
     )
     timer = PhaseTimer(engine)

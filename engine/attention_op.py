@@ -1,4 +1,4 @@
-"""The paged-attention step as one `torch.library` custom op, so `torch.compile` sees the whole
+"""The paged-attention step as one `torch.library` op (engine/library_ops.py), so `torch.compile` sees the whole
 model forward as one graph: the op is opaque to the compiler (it mutates the KV caches and runs
 the torch reference on the CPU or the Triton kernels on CUDA through kernels.attention's public
 functions), and its fake implementation gives the output shape.
@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from tokenmill.engine.library_ops import define_op
 from tokenmill.kernels.attention import StepPlans, paged_attention, write_kv_cache
 
 # A compiled CPU step's plans: set around the compiled forward (`shared_step_plans`) and read by the
@@ -65,17 +66,6 @@ def paged_attention_step(
     )
 
 
-# Registered through the plain `torch.library.Library` API: a `torch.library.custom_op` wrapper
-# adds ~0.1 ms of Python per call for a mutating op (argument defaults, version bumps), 3 ms of a
-# 30-layer CPU decode step. The schema marks the two caches as written in place.
-_lib = torch.library.Library("tokenmill", "FRAGMENT")
-_lib.define(
-    "paged_attention_step(Tensor query, Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-    "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, float scale, "
-    "int max_query_len, int max_seq_len, int sliding_window) -> Tensor"
-)
-
-
 def _paged_attention_step_impl(query, key, value, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
                                query_start_loc, scale, max_query_len, max_seq_len, sliding_window):
     return paged_attention_step(
@@ -85,14 +75,19 @@ def _paged_attention_step_impl(query, key, value, k_cache, v_cache, slot_mapping
     )
 
 
-_lib.impl("paged_attention_step", _paged_attention_step_impl, "CompositeExplicitAutograd")
-paged_attention_step_op = torch.ops.tokenmill.paged_attention_step.default
-
-
-@torch.library.register_fake("tokenmill::paged_attention_step", lib=_lib)
-def _(query, key, value, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
-      scale, max_query_len, max_seq_len, sliding_window) -> torch.Tensor:
+def _paged_attention_step_fake(query, key, value, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
+                               query_start_loc, scale, max_query_len, max_seq_len, sliding_window):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+# The schema marks the two caches as written in place.
+paged_attention_step_op = define_op(
+    "paged_attention_step",
+    "(Tensor query, Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+    "Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, float scale, SymInt max_query_len, "
+    "SymInt max_seq_len, SymInt sliding_window) -> Tensor",
+    _paged_attention_step_impl, _paged_attention_step_fake,
+)
 
 
 def attention_step(*args, plans: StepPlans | None = None) -> torch.Tensor:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.engine.library_ops import define_op
+
 # Rows up to which `W @ x.T` beats `F.linear` (measured on MKL, 1 and 2 threads; BENCHMARKS.md).
 MAX_SMALL_ROWS = 8
 
@@ -61,17 +63,12 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 # A compiled forward calls the same choice as one opaque op: the row count of a compiled graph is
 # symbolic (one graph serves every decode bucket), so the choice is made when the graph runs.
-# Plain `torch.library.Library` registration: a `torch.library.custom_op` wrapper costs ~10 us more
-# per call (210 calls a step).
-_lib = torch.library.Library("tokenmill", "FRAGMENT")
-_lib.define("cpu_linear(Tensor x, Tensor weight, Tensor? bias, int num_threads) -> Tensor")
-_lib.impl("cpu_linear", lambda x, weight, bias, num_threads: cpu_linear(x, weight, bias, num_threads), "CPU")
-cpu_linear_op = torch.ops.tokenmill.cpu_linear.default
-
-
-@torch.library.register_fake("tokenmill::cpu_linear", lib=_lib)
-def _(x, weight, bias, num_threads) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+cpu_linear_op = define_op(
+    "cpu_linear", "(Tensor x, Tensor weight, Tensor? bias, SymInt num_threads) -> Tensor",
+    lambda x, weight, bias, num_threads: cpu_linear(x, weight, bias, num_threads),
+    lambda x, weight, bias, num_threads: x.new_empty((*x.shape[:-1], weight.shape[0])),
+    dispatch_key="CPU",
+)
 
 
 class SmallRowsLinear(nn.Linear):

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from tokenmill.engine.cpu_linear import SmallRowsLinear
+from tokenmill.engine.library_ops import define_op
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,16 @@ class Int8DynamicLinear(_QuantizedLinear):
         range_row = torch.zeros(1, linear.in_features)
         range_row[0, 0], range_row[0, -1] = 1.0, -1.0
         self.register_buffer("range_row", range_row, persistent=False)  # [1, K]
+        self._register()
+
+    def _register(self) -> None:
+        """A number of its own, by which the compiled forward's op finds this layer."""
         self.layer_id = next(_layer_ids)
         _INT8_LAYERS[self.layer_id] = self
+
+    def __setstate__(self, state) -> None:  # a copy (copy.deepcopy, pickle) is a layer of its own
+        super().__setstate__(state)
+        self._register()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
         if torch.compiler.is_compiling():  # the packed weights are opaque to the compiler
@@ -134,18 +143,24 @@ class Int8DynamicLinear(_QuantizedLinear):
 
 # A compiled forward (`enforce_eager=False`) calls each int8 layer as one opaque op: fbgemm's packed
 # weights are a TorchScript object torch.compile cannot trace, so the graph carries the layer's
-# number and the op finds the layer (weakly held: a dropped model frees its layers).
+# number and the op finds the layer (weakly held: a dropped model frees its layers). The numbers
+# are constants of the graph, so each int8 model compiles a graph of its own.
 _INT8_LAYERS: "weakref.WeakValueDictionary[int, Int8DynamicLinear]" = weakref.WeakValueDictionary()
 _layer_ids = itertools.count()
-_lib = torch.library.Library("tokenmill", "FRAGMENT")
-_lib.define("int8_linear(Tensor x, int layer_id, int out_features) -> Tensor")
-_lib.impl("int8_linear", lambda x, layer_id, out_features: _INT8_LAYERS[layer_id].matmul(x), "CPU")
-int8_linear_op = torch.ops.tokenmill.int8_linear.default
 
 
-@torch.library.register_fake("tokenmill::int8_linear", lib=_lib)
-def _(x, layer_id, out_features) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], out_features))
+def _int8_linear_impl(x: torch.Tensor, layer_id: int, out_features: int) -> torch.Tensor:
+    try:
+        layer = _INT8_LAYERS[layer_id]
+    except KeyError:
+        raise RuntimeError(f"tokenmill::int8_linear: int8 layer {layer_id} no longer exists (its model was freed)") from None
+    return layer.matmul(x)
+
+
+int8_linear_op = define_op(
+    "int8_linear", "(Tensor x, int layer_id, SymInt out_features) -> Tensor", _int8_linear_impl,
+    lambda x, layer_id, out_features: x.new_empty((*x.shape[:-1], out_features)), dispatch_key="CPU",
+)
 
 
 class Int4WeightOnlyLinear(_QuantizedLinear):
