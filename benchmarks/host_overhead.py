@@ -14,11 +14,17 @@ machine's load does not count) around the engine's own calls:
 - sample:   `Sampler.__call__` inside the update
 - update:   `StepUpdater.update` less the sampler: appends, stop checks, block commits, outputs
 - host:     schedule + update (the per-step work outside the forward and the sampler)
+- message:  `--core-message`: what the serving engine core adds per step, turning the step's outputs
+            into its client's msgpack message (`EngineCore._route` + `pack`; needs pyzmq)
+
+Kinds: cumulative, delta, delta-nodetok (delta, no text), core (delta-nodetok with the engine core's
+`compact_deltas`: token-only outputs in one TokenDeltas per step), final, legacy.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections import defaultdict
 import cProfile
 import io
 import pstats
@@ -89,7 +95,30 @@ class PhaseTimer:
         return timed
 
 
-def run_kind(loaded: LoadedModel, args, kind: str | None, detokenize: bool, profile: int) -> dict[str, float]:
+def core_message_timer(engine: LLMEngine, request_ids: list[str]):
+    """A function timing (CPU s) what the engine core does with one step's outputs: route + pack."""
+    from tokenmill.serve.engine_core import EngineCore, _Reply
+    from tokenmill.serve.engine_core_messages import pack
+
+    compact = engine.compact_deltas
+    core = EngineCore(engine, bind=f"inproc://tokenmill-host-overhead-{id(engine)}")  # not started: no loop
+    engine.compact_deltas = compact  # the core turns it on; the kind decides here
+    for rid in request_ids:
+        core._owner[rid], core._num_sent[rid] = b"client", {}
+
+    def timed(outputs) -> float:
+        start = time.process_time()
+        replies = defaultdict(_Reply)
+        core._route(outputs, replies)
+        reply = replies[b"client"]
+        pack(["step", reply.outputs, reply.accepted, reply.rejected, {}, reply.deltas])
+        return time.process_time() - start
+
+    return timed
+
+
+def run_kind(loaded: LoadedModel, args, kind: str | None, detokenize: bool, profile: int,
+             compact: bool = False) -> dict[str, float]:
     engine = LLMEngine.from_args(
         loaded=loaded, max_num_seqs=args.num_seqs, max_num_batched_tokens=max(2048, args.num_seqs * args.prompt_len),
         num_kv_blocks=args.num_seqs * (-(-(args.prompt_len + args.max_tokens) // 16)) + 16, max_model_len=1024,
@@ -97,11 +126,14 @@ def run_kind(loaded: LoadedModel, args, kind: str | None, detokenize: bool, prof
         **({"async_scheduling": True} if args.async_scheduling else {}),
     )
     timer = PhaseTimer(engine)
+    engine.compact_deltas = compact
     extra = {} if kind is None else {"output_kind": kind, "detokenize": detokenize}
     params = SamplingParams(max_new_tokens=args.max_tokens, ignore_eos=True, **extra)
     g = torch.Generator().manual_seed(0)
     for i in range(args.num_seqs):
         engine.add_request(f"r{i}", torch.randint(1, VOCAB, (args.prompt_len,), generator=g).tolist(), params)
+    message = core_message_timer(engine, list(engine.requests)) if args.core_message else None
+    message_s = 0.0
     while engine.scheduler.waiting or any(s.num_uncomputed_tokens > 1 for grp in engine.scheduler.running for s in grp.seqs):
         engine.step()  # prefill
     for _ in range(args.warmup):
@@ -112,7 +144,9 @@ def run_kind(loaded: LoadedModel, args, kind: str | None, detokenize: bool, prof
     for step in range(args.steps):
         if profiler is not None and step < profile:
             profiler.enable()
-        engine.step()
+        outputs = engine.step()
+        if message is not None:
+            message_s += message(outputs)
         if profiler is not None and step < profile:
             profiler.disable()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
@@ -125,6 +159,7 @@ def run_kind(loaded: LoadedModel, args, kind: str | None, detokenize: bool, prof
     per["host"] = per["schedule"] + per["update"]
     per["wall_step"] = 1e3 * wall / args.steps
     per["cpu_step"] = 1e3 * cpu / args.steps
+    per["message"] = 1e3 * message_s / args.steps
     if profiler is not None:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.top)
@@ -139,11 +174,12 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="per request; must outlast warm-up + timed steps")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--kinds", default="cumulative,delta,delta-nodetok,final",
+    p.add_argument("--kinds", default="cumulative,delta,delta-nodetok,core,final",
                    help="output kinds to run; 'legacy' = SamplingParams without output_kind/detokenize")
     p.add_argument("--async-scheduling", action="store_true", help="overlapped steps (same work on the CPU)")
     p.add_argument("--profile", type=int, default=0, help="cProfile the first N timed steps of each kind")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--core-message", action="store_true", help="also time the engine core's step message")
     args = p.parse_args()
     if args.warmup + args.steps >= args.max_tokens:
         p.error("--max-tokens must exceed --warmup + --steps")
@@ -152,13 +188,15 @@ def main() -> None:
     print(f"{args.num_seqs} running decodes, prompt {args.prompt_len}, {args.steps} timed steps"
           f"{', async scheduling' if args.async_scheduling else ''}; CPU ms per step "
           "(wall: wall-clock ms per step)")
-    header = f"{'kind':<16}{'schedule':>9}{'update':>9}{'host':>9}{'sample':>9}{'run':>9}{'cpu step':>9}{'wall':>9}"
+    header = (f"{'kind':<16}{'schedule':>9}{'update':>9}{'host':>9}{'sample':>9}{'run':>9}{'cpu step':>9}{'wall':>9}"
+              + (f"{'message':>9}" if args.core_message else ""))
     print(header)
     for name in args.kinds.split(","):
-        kind, detok = {"legacy": (None, True), "delta-nodetok": ("delta", False)}.get(name, (name, True))
-        r = run_kind(loaded, args, kind, detok, args.profile)
-        print(f"{name:<16}" + "".join(f"{r[k]:>9.2f}" for k in
-                                      ("schedule", "update", "host", "sample", "run", "cpu_step", "wall_step")))
+        kind, detok = {"legacy": (None, True), "delta-nodetok": ("delta", False), "core": ("delta", False)}.get(
+            name, (name, True))
+        r = run_kind(loaded, args, kind, detok, args.profile, compact=name == "core")
+        columns = ("schedule", "update", "host", "sample", "run", "cpu_step", "wall_step")
+        print(f"{name:<16}" + "".join(f"{r[k]:>9.2f}" for k in columns + (("message",) if args.core_message else ())))
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -23,7 +23,7 @@ from tokenmill.engine.model_loader import LoadedModel, load_model
 from tokenmill.engine.model_runner import ModelRunner, kv_bytes_per_block, resolve_enforce_eager
 from tokenmill.engine.output_processor import request_output
 from tokenmill.engine.quantization import check_quantization, check_quantization_fits, model_quantization
-from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.outputs import RequestOutput, TokenDeltas
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.engine.scheduler import ScheduledBatch, Scheduler, group_max_seqs
 from tokenmill.engine.sequence import SequenceGroup
@@ -377,11 +377,21 @@ class LLMEngine:
         self.block_manager.num_cache_hits = 0
         self.scheduler.num_preemptions_total = 0
 
+    @property
+    def compact_deltas(self) -> bool:
+        """Whether `step()` gathers the outputs that carry only new token ids into one TokenDeltas
+        per step (engine/outputs.py); the serving engine core turns it on."""
+        return self.updater.compact_deltas
+
+    @compact_deltas.setter
+    def compact_deltas(self, on: bool) -> None:
+        self.updater.compact_deltas = on
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
     # ------------------------------------------------------------------ the step
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | TokenDeltas]:
         rejected = self._admit_structured()
         batch = self.scheduler.schedule()
         if batch.is_empty and not self.updater.has_in_flight:

@@ -90,6 +90,23 @@ def delta_output(seq: Sequence, group: SequenceGroup, finished: bool) -> Complet
                             logprobs, seq.finish_reason, seq.stop_reason)
 
 
+def take_token_delta(group: SequenceGroup) -> list[int] | None:
+    """The new token ids of a request whose delta output would carry nothing else (see
+    `TokenDeltas`), marked as sent; None when it needs a full RequestOutput."""
+    p = group.params
+    if (group.output_kind != "delta" or p.detokenize or p.logprobs is not None or p.prompt_logprobs is not None
+            or p.num_return_sequences != 1 or group.beam_search is not None or group.error is not None
+            or len(group.seqs) != 1 or group.finished_seqs):
+        return None
+    seq = group.seqs[0]
+    if seq.finish_reason is not None or seq.num_sent_tokens == 0 or seq.detokenizer is not None:
+        return None  # ending, or its first output (which carries the cached-token count)
+    token_ids = seq.token_ids
+    start = seq.num_prompt_tokens + seq.num_sent_tokens
+    seq.num_sent_tokens = len(token_ids) - seq.num_prompt_tokens
+    return token_ids[start:]
+
+
 def request_output(group: SequenceGroup, finished: bool) -> RequestOutput:
     if group.final_outputs is not None:
         outputs = group.final_outputs

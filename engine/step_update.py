@@ -14,8 +14,8 @@ from tokenmill.engine.beam_search import BeamSearch
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.detokenizer import IncrementalDetokenizer, make_decoder
 from tokenmill.engine.logits_processors import RowInput
-from tokenmill.engine.output_processor import append_token, request_output, wants_output
-from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.engine.output_processor import append_token, request_output, take_token_delta, wants_output
+from tokenmill.engine.outputs import CompletionOutput, RequestOutput, TokenDeltas
 from tokenmill.engine.prompt_logprobs import take_prompt_logprobs
 from tokenmill.engine.sampler import SampleRow, Sampler, SamplerOutput, row_seed
 from tokenmill.engine.scheduler import ScheduledBatch
@@ -32,6 +32,9 @@ class StepUpdater:
         self.max_model_len = max_model_len
         self.async_scheduling = async_scheduling
         self.sampler = Sampler()
+        # Outputs of requests that need only their new token ids go out as one TokenDeltas per step
+        # (the serving engine core turns this on).
+        self.compact_deltas = False
         self._num_new_tokens = 0
         # Sampled tokens not applied yet: (the sequence of each row, the sampler's output).
         self._in_flight: tuple[list[Sequence], SamplerOutput] | None = None
@@ -85,7 +88,7 @@ class StepUpdater:
             groups.setdefault(id(seq.group), seq.group)
         return list(groups.values())
 
-    def update(self, batch: ScheduledBatch, logits: torch.Tensor | None) -> list[RequestOutput]:
+    def update(self, batch: ScheduledBatch, logits: torch.Tensor | None) -> list[RequestOutput | TokenDeltas]:
         """logits: [num_sampled, vocab], one row per sequence of `batch` that reached its last token.
 
         Synchronous: this step's tokens are sampled and applied. Overlapped (async_scheduling): first
@@ -139,7 +142,7 @@ class StepUpdater:
             self._in_flight = (targets, out)
         return list(beam_groups.values())
 
-    def _apply_in_flight(self) -> list[RequestOutput]:
+    def _apply_in_flight(self) -> list[RequestOutput | TokenDeltas]:
         """Replace each placeholder by its sampled token: append, stop checks, finished samples retired;
         returns the outputs of the requests that moved. Requests aborted meanwhile are skipped (their
         blocks are already free)."""
@@ -168,7 +171,27 @@ class StepUpdater:
         self._num_new_tokens += num_applied
         for group in finished:
             self._retire_finished(group)
-        return [request_output(g, finished=g.is_finished) for g in progressed.values() if wants_output(g)]
+        return self._outputs(progressed.values())
+
+    def _outputs(self, groups) -> list[RequestOutput | TokenDeltas]:
+        """The outputs of the requests that moved; with `compact_deltas`, those that need only their
+        new token ids gathered in one TokenDeltas."""
+        if not self.compact_deltas:
+            return [request_output(g, finished=g.is_finished) for g in groups if wants_output(g)]
+        outputs: list[RequestOutput | TokenDeltas] = []
+        deltas = TokenDeltas([], [], [])
+        for group in groups:
+            new_ids = take_token_delta(group)
+            if new_ids is None:
+                if wants_output(group):
+                    outputs.append(request_output(group, finished=group.is_finished))
+                continue
+            deltas.request_ids.append(group.request_id)
+            deltas.token_ids.append(new_ids)
+            deltas.cumulative_logprobs.append(group.seqs[0].cumulative_logprob)
+        if deltas.request_ids:
+            outputs.append(deltas)
+        return outputs
 
     def _advance(self, batch: ScheduledBatch) -> list[Sequence]:
         """Count the step's tokens as computed and commit blocks that filled; returns the sequences that

@@ -28,6 +28,7 @@ from typing import Any
 import zmq
 
 from tokenmill.engine.errors import QueueFullError
+from tokenmill.engine.outputs import TokenDeltas
 from tokenmill.serve.engine_core_messages import decode_params, pack, pack_prompt_logprobs, take_new_tokens, unpack
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class _Reply:
     outputs: list[list[Any]] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)
     rejected: list[list[Any]] = field(default_factory=list)
+    deltas: list[list[Any]] = field(default_factory=lambda: [[], [], []])  # request ids, new ids, cumulative logprobs
 
 
 class EngineCore:
@@ -70,6 +72,8 @@ class EngineCore:
     def __init__(self, engine: Any, bind: str = "tcp://127.0.0.1:*", context: zmq.Context | None = None,
                  core_id: str = "core", token: str | None = None) -> None:
         self.engine = engine
+        if hasattr(engine, "compact_deltas"):
+            engine.compact_deltas = True  # token-only outputs in columns: one object a step, not one a request
         self.core_id = core_id
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
@@ -249,6 +253,9 @@ class EngineCore:
 
     def _route(self, outputs: list[Any], replies: dict[bytes, _Reply]) -> None:
         for output in outputs:
+            if type(output) is TokenDeltas:
+                self._route_deltas(output, replies)
+                continue
             rid = output.request_id
             client = self._owner.get(rid)
             if client is None:
@@ -264,13 +271,26 @@ class EngineCore:
                 del self._owner[rid], self._num_sent[rid]
                 self._scores_sent.discard(rid)
 
+    def _route_deltas(self, deltas: TokenDeltas, replies: dict[bytes, _Reply]) -> None:
+        owner, num_sent = self._owner, self._num_sent
+        for rid, new_ids, cumulative in zip(deltas.request_ids, deltas.token_ids, deltas.cumulative_logprobs):
+            client = owner.get(rid)
+            if client is None:
+                continue  # aborted meanwhile
+            sent = num_sent[rid]
+            sent[0] = sent.get(0, 0) + len(new_ids)
+            ids, tokens, logprobs = replies[client].deltas
+            ids.append(rid)
+            tokens.append(new_ids)
+            logprobs.append(cumulative)
+
     def _send(self, replies: dict[bytes, _Reply]) -> bool:
         """Send every client its reply and the stats; True if a client was found gone (and dropped)."""
         stats = asdict(self.engine.get_stats())
         dropped = False
         for client in list(self._clients):
             reply = replies.get(client) or _Reply()
-            if not self._send_to(client, ["step", reply.outputs, reply.accepted, reply.rejected, stats]):
+            if not self._send_to(client, ["step", reply.outputs, reply.accepted, reply.rejected, stats, reply.deltas]):
                 self._drop_client(client)
                 dropped = True
         return dropped

@@ -209,7 +209,7 @@ class CoreConnection:
                 self._on_step(message, deliveries)
 
     def _on_step(self, message: list[Any], deliveries: dict[Any, list[tuple[Stream, Any]]]) -> None:
-        _, outputs, accepted, rejected, stats = message
+        _, outputs, accepted, rejected, stats, deltas = message
         self.stats = stats
         for rid in accepted:
             pending = self._pending_adds.pop(rid, None)
@@ -226,19 +226,29 @@ class CoreConnection:
         ended: list[str] = []
         for rid, finished, error, num_cached, sequences, prompt_logprobs in outputs:
             entry = self._states.get(rid)
-            if entry is None:
-                continue  # aborted meanwhile
-            state, stream = entry
-            state.prompt_logprobs = unpack_prompt_logprobs(prompt_logprobs) or state.prompt_logprobs
-            if state.update(finished, error, num_cached, sequences):
-                del self._states[rid]
-                self._num_ended += 1
-                if not finished:
-                    ended.append(rid)  # a stop string ended it here: stop the core working on it
-            if state.should_emit():
-                deliveries.setdefault(stream.loop, []).append((stream, state.output()))
+            if entry is not None:  # else aborted meanwhile
+                entry[0].prompt_logprobs = unpack_prompt_logprobs(prompt_logprobs) or entry[0].prompt_logprobs
+                self._apply(rid, entry, finished, error, num_cached, sequences, ended, deliveries)
+        for rid, new_ids, cumulative in zip(*deltas):
+            entry = self._states.get(rid)
+            if entry is not None:
+                sequences = [[0, 0, new_ids, None, cumulative, None, None, None]]
+                self._apply(rid, entry, False, None, entry[0].num_cached_tokens, sequences, ended, deliveries)
         if ended:
             self.socket.send(pack(["abort", ended]))
+
+    def _apply(self, rid: str, entry: tuple[RequestState, Stream], finished: bool, error: str | None,
+               num_cached: int, sequences: list[list[Any]], ended: list[str],
+               deliveries: dict[Any, list[tuple[Stream, Any]]]) -> None:
+        """One request's output of a step: its state moves on, its stream gets what is due."""
+        state, stream = entry
+        if state.update(finished, error, num_cached, sequences):
+            del self._states[rid]
+            self._num_ended += 1
+            if not finished:
+                ended.append(rid)  # a stop string ended it here: stop the core working on it
+        if state.should_emit():
+            deliveries.setdefault(stream.loop, []).append((stream, state.output()))
 
     def _close_sockets(self) -> None:
         """Close the socket and its monitor, and end the context when it is this connection's own

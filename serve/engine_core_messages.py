@@ -5,8 +5,12 @@ API side -> core (DEALER -> ROUTER), one msgpack list per message:
     ["add", request_id, prompt_token_ids, params]  params: the SamplingParams fields that differ from the defaults
     ["abort", [request_id, ...]]
 Core -> API side, once per engine step (and after commands that change the engine's state):
-    ["step", outputs, accepted_ids, rejected, stats]
+    ["step", outputs, accepted_ids, rejected, stats, deltas]
         outputs:  [[request_id, finished, error, num_cached_tokens, sequences, prompt_logprobs], ...]
+        deltas:   [request_ids, new_token_ids, cumulative_logprobs], columns (engine.outputs.TokenDeltas):
+                  requests with one running sequence that need only their new ids this step (never
+                  their first or last output), each as a sequence [0, start, ids, None, cumulative,
+                  None, None, None] of an unfinished output with no change in cached tokens
         prompt_logprobs: [logprobs, ranks] of engine.outputs.PromptLogprobs, sent once, when the prompt is scored (else None)
         sequence: [index, start, new_token_ids, new_logprobs, cumulative_logprob, finish_reason, stop_reason, score]
                   (`start`: how many of the sequence's tokens the API side keeps before appending the new ones)

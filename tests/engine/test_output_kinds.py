@@ -138,3 +138,59 @@ def test_llm_generate_asks_for_final_outputs(loaded):
 def test_invalid_output_fields_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_compact_deltas_carry_what_delta_outputs_carry(loaded, async_scheduling):
+    """With `compact_deltas` (the engine core's), token-only delta outputs after a request's first go
+    out in one TokenDeltas per step; its first and last outputs, and requests wanting text,
+    log-probs or several sequences, stay RequestOutputs. Put together they give the same tokens,
+    cumulative log-probs and finish reasons as plain delta outputs."""
+    from tokenmill.engine.outputs import TokenDeltas
+
+    prompts = random_prompts([5, 17, 9, 30, 12], seed=12)
+    base = dict(max_new_tokens=10, ignore_eos=True, output_kind="delta", detokenize=False)
+    params = [
+        SamplingParams(**base),
+        SamplingParams(do_sample=True, temperature=0.8, seed=5, **base),
+        SamplingParams(**{**base, "max_new_tokens": 1}),
+        SamplingParams(logprobs=1, **base),  # log-probs: full outputs
+        SamplingParams(do_sample=True, num_return_sequences=2, seed=3, **base),  # two sequences: full
+    ]
+    requests = {f"r{i}": (p, sp) for i, (p, sp) in enumerate(zip(prompts, params))}
+
+    def collect(compact: bool):
+        engine = new_engine(loaded, async_scheduling=async_scheduling)
+        engine.compact_deltas = compact
+        for rid, (prompt, sp) in requests.items():
+            engine.add_request(rid, prompt, sp)
+        tokens = {rid: [] for rid in requests}  # (sequence index, token ids) per output, in order
+        last = {}
+        kinds = {rid: [] for rid in requests}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if isinstance(out, TokenDeltas):
+                    assert len(set(out.request_ids)) == len(out.request_ids)
+                    for rid, ids, cumulative in zip(out.request_ids, out.token_ids, out.cumulative_logprobs):
+                        tokens[rid].append((0, list(ids)))
+                        last[rid, 0] = (cumulative, None)
+                        kinds[rid].append("compact")
+                    continue
+                kinds[out.request_id].append("full")
+                for c in out.outputs:
+                    tokens[out.request_id].append((c.index, list(c.token_ids)))
+                    last[out.request_id, c.index] = (c.cumulative_logprob, c.finish_reason)
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        return tokens, last, kinds
+
+    want_tokens, want_last, want_kinds = collect(False)
+    got_tokens, got_last, got_kinds = collect(True)
+    assert got_tokens == want_tokens
+    assert {k: v[1] for k, v in got_last.items()} == {k: v[1] for k, v in want_last.items()}
+    for key, (cumulative, _) in got_last.items():
+        assert cumulative == pytest.approx(want_last[key][0])
+    assert all(k == ["full"] * len(k) for k in want_kinds.values())
+    for rid in ("r0", "r1"):  # first and last full, the steps between compact
+        assert got_kinds[rid][0] == got_kinds[rid][-1] == "full" and set(got_kinds[rid][1:-1]) == {"compact"}
+    for rid in ("r2", "r3", "r4"):
+        assert "compact" not in got_kinds[rid]
