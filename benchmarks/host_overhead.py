@@ -103,6 +103,7 @@ def core_message_timer(engine: LLMEngine, request_ids: list[str]):
     compact = engine.compact_deltas
     core = EngineCore(engine, bind=f"inproc://tokenmill-host-overhead-{id(engine)}")  # not started: no loop
     engine.compact_deltas = compact  # the core turns it on; the kind decides here
+    core.socket.close()  # never started: only its routing is timed
     for rid in request_ids:
         core._owner[rid], core._num_sent[rid] = b"client", {}
 

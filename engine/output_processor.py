@@ -99,8 +99,9 @@ def take_token_delta(group: SequenceGroup) -> list[int] | None:
             or len(group.seqs) != 1 or group.finished_seqs):
         return None
     seq = group.seqs[0]
-    if seq.finish_reason is not None or seq.num_sent_tokens == 0 or seq.detokenizer is not None:
-        return None  # ending, or its first output (which carries the cached-token count)
+    if (seq.finish_reason is not None or seq.num_sent_tokens == 0 or seq.detokenizer is not None
+            or group.num_cached_tokens != group.num_cached_tokens_sent):
+        return None  # ending, its first output, or a new cached-token count (preempted, admitted again)
     token_ids = seq.token_ids
     start = seq.num_prompt_tokens + seq.num_sent_tokens
     seq.num_sent_tokens = len(token_ids) - seq.num_prompt_tokens
@@ -118,6 +119,7 @@ def request_output(group: SequenceGroup, finished: bool) -> RequestOutput:
                 outputs.append(out)
     else:
         outputs = [completion_output(s, group, finished) for s in group.all_seqs()]
+    group.num_cached_tokens_sent = group.num_cached_tokens
     # request_id, prompt, prompt_token_ids, outputs, finished, num_cached_tokens, error, prompt_logprobs
     return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs, finished,
                          group.num_cached_tokens, group.error, finished_prompt_logprobs(group))

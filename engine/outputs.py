@@ -65,7 +65,8 @@ class TokenDeltas:
     step instead of a RequestOutput per request (~4 us each, ~1 ms a step at 256 running). Only
     from an engine with `compact_deltas` on (the serving engine core's): a request is here once it
     has had a full output, while it runs one sequence with output_kind="delta", no text, no
-    log-probs and no prompt scores; its first and last outputs are full RequestOutputs."""
+    log-probs and no prompt scores, and its cached-token count is the one its last full output
+    carried; its first and last outputs are full RequestOutputs."""
 
     request_ids: list[str]
     token_ids: list[list[int]]  # per request: its new tokens

@@ -106,6 +106,7 @@ class SequenceGroup:
         self.min_new_tokens = min_new_tokens
         self.seed = seed
         self.num_cached_tokens = 0
+        self.num_cached_tokens_sent = 0  # the count its last full RequestOutput carried
         self.num_seats = max(params.num_beams, params.num_return_sequences)  # its share of max_num_seqs
         self.output_kind = params.output_kind
         self.stop_token_ids = frozenset(eos_token_ids) | frozenset(params.stop_token_ids)  # end it after min tokens

@@ -72,8 +72,11 @@ class EngineCore:
     def __init__(self, engine: Any, bind: str = "tcp://127.0.0.1:*", context: zmq.Context | None = None,
                  core_id: str = "core", token: str | None = None) -> None:
         self.engine = engine
-        if hasattr(engine, "compact_deltas"):
-            engine.compact_deltas = True  # token-only outputs in columns: one object a step, not one a request
+        # Token-only outputs in columns (one object a step, not one a request) while this core runs
+        # the engine; the engine's own setting comes back when the loop ends.
+        self._engine_compact_deltas = getattr(engine, "compact_deltas", None)
+        if self._engine_compact_deltas is not None:
+            engine.compact_deltas = True
         self.core_id = core_id
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
@@ -165,6 +168,8 @@ class EngineCore:
         except BaseException as exc:  # noqa: BLE001 - any fault ends the loop; clients must be told
             logger.exception("engine core loop died")
             reason = f"the engine loop died: {exc!r}"
+        if self._engine_compact_deltas is not None:
+            self.engine.compact_deltas = self._engine_compact_deltas
         self.dead_reason = reason
         for client in list(self._clients):
             self._send_to(client, ["dead", reason])

@@ -209,7 +209,8 @@ class CoreConnection:
                 self._on_step(message, deliveries)
 
     def _on_step(self, message: list[Any], deliveries: dict[Any, list[tuple[Stream, Any]]]) -> None:
-        _, outputs, accepted, rejected, stats, deltas = message
+        _, outputs, accepted, rejected, stats = message[:5]
+        deltas = message[5] if len(message) > 5 else ([], [], [])  # a core from before the columns
         self.stats = stats
         for rid in accepted:
             pending = self._pending_adds.pop(rid, None)

@@ -11,6 +11,7 @@ Core -> API side, once per engine step (and after commands that change the engin
                   requests with one running sequence that need only their new ids this step (never
                   their first or last output), each as a sequence [0, start, ids, None, cumulative,
                   None, None, None] of an unfinished output with no change in cached tokens
+                  (a client also reads a step message without it, from an older core)
         prompt_logprobs: [logprobs, ranks] of engine.outputs.PromptLogprobs, sent once, when the prompt is scored (else None)
         sequence: [index, start, new_token_ids, new_logprobs, cumulative_logprob, finish_reason, stop_reason, score]
                   (`start`: how many of the sequence's tokens the API side keeps before appending the new ones)

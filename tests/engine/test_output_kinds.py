@@ -194,3 +194,44 @@ def test_compact_deltas_carry_what_delta_outputs_carry(loaded, async_scheduling)
         assert got_kinds[rid][0] == got_kinds[rid][-1] == "full" and set(got_kinds[rid][1:-1]) == {"compact"}
     for rid in ("r2", "r3", "r4"):
         assert "compact" not in got_kinds[rid]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_compact_deltas_keep_the_cached_token_count_a_consumer_sees(loaded, async_scheduling):
+    """A request first admitted without a prefix-cache hit, then preempted and admitted again with
+    one, changes its cached-token count after its first output: its next output is a full one, so a
+    consumer of the outputs sees the same count at every token as with plain delta outputs."""
+    from tokenmill.engine.outputs import TokenDeltas
+
+    prefix = random_prompts([32], seed=21)[0]
+    tails = random_prompts([3, 4, 5, 6, 7, 8], seed=22)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True, output_kind="delta", detokenize=False)
+
+    def seen(compact: bool) -> dict[str, list[tuple[int, int]]]:
+        """Per request, at each output: (its tokens so far, the cached-token count a consumer holds)."""
+        engine = new_engine(loaded, async_scheduling=async_scheduling, num_kv_blocks=18, block_size=8)
+        engine.compact_deltas = compact
+        for i, tail in enumerate(tails):
+            engine.add_request(f"r{i}", prefix + tail, params)
+        counts = {f"r{i}": [0, 0] for i in range(len(tails))}  # tokens so far, cached tokens held
+        trace: dict[str, list[tuple[int, int]]] = {rid: [] for rid in counts}
+        preempted = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if isinstance(out, TokenDeltas):
+                    for rid, ids in zip(out.request_ids, out.token_ids):
+                        counts[rid][0] += len(ids)
+                        trace[rid].append(tuple(counts[rid]))
+                    continue
+                counts[out.request_id][0] += sum(len(c.token_ids) for c in out.outputs)
+                counts[out.request_id][1] = out.num_cached_tokens
+                trace[out.request_id].append(tuple(counts[out.request_id]))
+            preempted = max(preempted, engine.scheduler.num_preemptions_total)
+        assert preempted > 0  # the case needs preemption
+        return trace
+
+    plain, compact = seen(False), seen(True)
+    changed = [rid for rid, t in plain.items() if len({c for _, c in t}) > 1]
+    assert changed  # some request's count changed after its first output
+    for rid in plain:
+        assert compact[rid] == plain[rid], (rid, plain[rid], compact[rid])

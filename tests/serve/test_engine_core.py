@@ -82,6 +82,21 @@ def test_split_outputs_equal_the_in_process_engine(loaded_model, overlap):
         engine.shutdown()
 
 
+def test_a_core_turns_compact_outputs_on_for_its_life_only(loaded_model):
+    """The core has the engine gather token-only outputs in columns while it runs it, and gives the
+    engine its own setting back when its loop ends."""
+    from tokenmill.serve.engine_core import EngineCore
+
+    engine = LLMEngine.from_args(None, loaded=loaded_model, **ENGINE_KWARGS)
+    assert not engine.compact_deltas
+    core = EngineCore(engine, bind="inproc://tokenmill-compact-flag").start()
+    try:
+        assert engine.compact_deltas
+    finally:
+        core.shutdown(timeout_s=10)
+    assert not core.is_alive and not engine.compact_deltas
+
+
 def test_stream_interval_coalesces_outputs_and_keeps_the_text(loaded_model):
     params = SamplingParams(max_new_tokens=16, do_sample=False, ignore_eos=True)
 
