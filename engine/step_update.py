@@ -176,19 +176,16 @@ class StepUpdater:
     def _outputs(self, groups) -> list[RequestOutput | TokenDeltas]:
         """The outputs of the requests that moved; with `compact_deltas`, those that need only their
         new token ids gathered in one TokenDeltas."""
-        if not self.compact_deltas:
-            return [request_output(g, finished=g.is_finished) for g in groups if wants_output(g)]
         outputs: list[RequestOutput | TokenDeltas] = []
         deltas = TokenDeltas([], [], [])
         for group in groups:
-            new_ids = take_token_delta(group)
-            if new_ids is None:
-                if wants_output(group):
-                    outputs.append(request_output(group, finished=group.is_finished))
-                continue
-            deltas.request_ids.append(group.request_id)
-            deltas.token_ids.append(new_ids)
-            deltas.cumulative_logprobs.append(group.seqs[0].cumulative_logprob)
+            new_ids = take_token_delta(group) if self.compact_deltas else None
+            if new_ids is not None:
+                deltas.request_ids.append(group.request_id)
+                deltas.token_ids.append(new_ids)
+                deltas.cumulative_logprobs.append(group.seqs[0].cumulative_logprob)
+            elif wants_output(group):
+                outputs.append(request_output(group, finished=group.is_finished))
         if deltas.request_ids:
             outputs.append(deltas)
         return outputs
