@@ -341,5 +341,5 @@ def paged_attention(
     if query.is_cuda:
         return paged_attention_triton(*args)
     plan = plans and plans.attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1], sliding_window,
-                                     query.dtype)
+                                     query.dtype, k_cache[0].nbytes)
     return paged_attention_reference(*args, plan=plan)

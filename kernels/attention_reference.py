@@ -1,9 +1,9 @@
 """Paged KV-cache write and paged attention in torch: the CPU path (layout in kernels.attention).
 
 One step runs the same attention in every layer over the same sequences, so what does not depend
-on the layer (which rows to write where, how decode sequences group by length, which cache blocks
-each group gathers, the masks) is worked out once per step as a :class:`ReferencePlan` and reused
-by every layer. A layer then only writes its keys, gathers its blocks and calls SDPA.
+on the layer (which rows to write where, how decode sequences form chunks, which cache blocks each
+chunk gathers, the masks) is worked out once per step as a :class:`ReferencePlan` and reused by
+every layer. A layer then only writes its keys, gathers its blocks and calls SDPA.
 """
 
 from __future__ import annotations
@@ -13,10 +13,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Decode runs batches of sequences of similar lengths (at most 2**depth batches), split only
-# where that avoids at least this many padded key positions.
-DECODE_SPLIT_DEPTH = 2
-MIN_PADDING_SAVED = 512
+# Decode gathers its sequences' cache blocks into one copy per chunk of sequences, then runs SDPA
+# on it. Chunks are cut (sequences sorted by length, each chunk padded to its own longest) so that
+# one chunk's copy of one cache stays near this size per torch thread: small copies stay in the CPU's caches and
+# below glibc's mmap threshold, where one copy of the whole batch went to fresh pages (measured
+# 1.2-4x slower at 32-64 sequences of 256-1024 tokens, BENCHMARKS.md). A chunk holds at least
+# MIN_DECODE_CHUNK sequences: below that the per-call overhead (threads, dispatch) dominates.
+DECODE_GATHER_BYTES = 1 << 20
+MIN_DECODE_CHUNK = 2
 
 
 def _check_cache(name: str, cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
@@ -58,10 +62,10 @@ class WritePlan:
 
 
 @dataclass
-class DecodeGroup:
-    rows: torch.Tensor | None  # [S_g] query rows (one per sequence); None: the whole query, in order
-    block_ids: torch.Tensor  # [S_g * num_blocks] the sequences' cache blocks, row by row
-    bias: torch.Tensor  # [S_g, 1, 1, num_blocks * block_size] additive mask (0 / -inf)
+class DecodeChunk:
+    rows: torch.Tensor | None  # [S_c] query rows (one per sequence); None: the whole query, in order
+    block_ids: torch.Tensor  # [S_c * num_blocks] the sequences' cache blocks, row by row
+    bias: torch.Tensor  # [S_c, 1, 1, num_blocks * block_size] additive mask (0 / -inf)
 
 
 @dataclass
@@ -78,7 +82,7 @@ class ReferencePlan:
     """The layer-independent part of one step's attention (for one sliding window and dtype)."""
 
     num_tokens: int
-    decode: list[DecodeGroup]
+    decode: list[DecodeChunk]  # decode sequences (one new token each), a few per chunk
     sequences: list[SequenceSpan]  # sequences with more than one new token, one by one
 
 
@@ -98,46 +102,56 @@ def _allowed_bias(query_pos, key_pos, sliding_window, dtype):
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-def _length_groups(seq_ids: list[int], lens: list[int], depth: int) -> list[list[int]]:
-    """Sequences sorted by length, cut into at most ``2**depth`` groups where cutting saves the most
-    padding (each group pads its keys to its longest sequence); no cut saving < MIN_PADDING_SAVED."""
-    if not seq_ids:
-        return []
-    order = sorted(seq_ids, key=lens.__getitem__)
-    if depth == 0 or len(order) < 2:
-        return [order]
-    longest = lens[order[-1]]
-    saving, cut = max((i * (longest - lens[order[i - 1]]), i) for i in range(1, len(order)))
-    if saving < MIN_PADDING_SAVED:
-        return [order]
-    return _length_groups(order[:cut], lens, depth - 1) + _length_groups(order[cut:], lens, depth - 1)
+def decode_chunks(seq_ids: list[int], lens: list[int], block_size: int, block_bytes: int) -> list[list[int]]:
+    """``seq_ids`` sorted by length and cut into chunks whose gathered keys (chunk size x its
+    longest sequence's blocks x ``block_bytes``) stay within DECODE_GATHER_BYTES per torch thread,
+    each chunk at least MIN_DECODE_CHUNK sequences (or what is left). All of them in one chunk keep
+    their order (no scatter of the outputs)."""
+    budget = DECODE_GATHER_BYTES * torch.get_num_threads()
+    if len(seq_ids) <= MIN_DECODE_CHUNK or (
+        len(seq_ids) * -(-max(lens[s] for s in seq_ids) // block_size) * block_bytes <= budget
+    ):
+        return [seq_ids] if seq_ids else []
+    chunks: list[list[int]] = []
+    for s in sorted(seq_ids, key=lens.__getitem__):
+        chunk = chunks[-1] if chunks else None
+        fits = chunk is not None and (
+            len(chunk) < MIN_DECODE_CHUNK
+            or (len(chunk) + 1) * -(-lens[s] // block_size) * block_bytes <= budget
+        )
+        if fits:
+            chunk.append(s)
+        else:
+            chunks.append([s])
+    return chunks
 
 
-def _decode_group(group, num_tokens, starts, lens, block_tables, seq_lens, block_size, sliding_window, dtype):
+def _decode_chunk(seqs, num_tokens, starts, lens, block_tables, seq_lens, block_size, sliding_window, dtype):
     device = block_tables.device
-    num_blocks = -(-lens[group[-1]] // block_size)  # the group's longest sequence
-    in_order = len(group) == num_tokens and all(starts[s] == i for i, s in enumerate(group))
-    ids = torch.tensor(group, device=device)  # [S_g]
-    tables = block_tables if in_order and len(group) == block_tables.shape[0] else block_tables.index_select(0, ids)
+    num_blocks = -(-max(lens[s] for s in seqs) // block_size)  # the chunk's longest sequence
+    in_order = len(seqs) == num_tokens and all(starts[s] == i for i, s in enumerate(seqs))
+    ids = torch.tensor(seqs, device=device)  # [S_c]
+    tables = block_tables if in_order and len(seqs) == block_tables.shape[0] else block_tables.index_select(0, ids)
     key_pos = torch.arange(num_blocks * block_size, device=device)  # [L]
-    query_pos = (seq_lens.index_select(0, ids).to(torch.long) - 1).view(len(group), 1, 1, 1)  # [S_g, 1, 1, 1]
-    return DecodeGroup(
-        rows=None if in_order else torch.tensor([starts[s] for s in group], device=device),
+    query_pos = (seq_lens.index_select(0, ids).to(torch.long) - 1).view(len(seqs), 1, 1, 1)  # [S_c, 1, 1, 1]
+    return DecodeChunk(
+        rows=None if in_order else torch.tensor([starts[s] for s in seqs], device=device),
         block_ids=tables[:, :num_blocks].reshape(-1),
         bias=_allowed_bias(query_pos, key_pos, sliding_window, dtype),
     )
 
 
 def plan_reference(block_tables, seq_lens, query_start_loc, block_size, sliding_window=None,
-                   dtype=torch.float32) -> ReferencePlan:
-    """What every layer of one step shares (see the module doc)."""
+                   dtype=torch.float32, block_bytes: int = 0) -> ReferencePlan:
+    """What every layer of one step shares (see the module doc). ``block_bytes``: the size of one
+    block of one cache (sizes the decode chunks; 0: one chunk)."""
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     num_tokens = starts[-1] if starts else 0
     decode_ids = [s for s in range(len(lens)) if starts[s + 1] - starts[s] == 1]
     decode = [
-        _decode_group(group, num_tokens, starts, lens, block_tables, seq_lens, block_size, sliding_window, dtype)
-        for group in _length_groups(decode_ids, lens, DECODE_SPLIT_DEPTH)
+        _decode_chunk(chunk, num_tokens, starts, lens, block_tables, seq_lens, block_size, sliding_window, dtype)
+        for chunk in decode_chunks(decode_ids, lens, block_size, block_bytes)
     ]
     sequences = []
     for s in range(len(lens)):
@@ -171,22 +185,23 @@ def write_kv_cache_reference(key, value, k_cache, v_cache, slot_mapping, plan: W
 def _gather(cache, block_ids, num_seqs):
     """The blocks ``block_ids`` [S * n] of ``cache`` as ``[S, Hkv, n * block_size, D]`` (a view of one
     gathered copy). index_select rather than ``cache[tables]``: the same copy, 1.2-1.7x faster on CPU.
-    Reading the blocks in place instead (a loop over block columns with an online softmax) was
-    measured slower at batch 32-64 and contexts 128-1024 (BENCHMARKS.md), so decode keeps this copy."""
+    Reading the blocks in place instead (a loop over block columns with an online softmax, or an
+    inductor-compiled gather-and-reduce) was measured slower, so decode keeps this copy, one chunk
+    of sequences at a time (DECODE_GATHER_BYTES)."""
     gathered = cache.index_select(0, block_ids)  # [S * n, block_size, Hkv, D]
     return gathered.view(num_seqs, -1, cache.shape[2], cache.shape[3]).transpose(1, 2)
 
 
-def _attend_decode(query, k_cache, v_cache, group: DecodeGroup, scale):
-    """One query per sequence, the group in one batched SDPA. query [S_g, Hq, D] -> [S_g, Hq, D]."""
+def _attend_decode(query, k_cache, v_cache, chunk: DecodeChunk, scale):
+    """One query per sequence, the chunk in one batched SDPA. query [S_c, Hq, D] -> [S_c, Hq, D]."""
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
-    keys = _gather(k_cache, group.block_ids, num_seqs)  # [S_g, Hkv, L, D]
-    values = _gather(v_cache, group.block_ids, num_seqs)
+    keys = _gather(k_cache, chunk.block_ids, num_seqs)  # [S_c, Hkv, L, D]
+    values = _gather(v_cache, chunk.block_ids, num_seqs)
     # Grouped-query attention without copying keys: the query heads of one kv head become
     # that kv head's query rows (decode has no causality between them).
-    grouped = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [S_g, Hkv, G, D]
-    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=group.bias, scale=scale)
+    grouped = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [S_c, Hkv, G, D]
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=chunk.bias, scale=scale)
     return out.reshape(num_seqs, num_heads, head_dim)
 
 
@@ -205,16 +220,17 @@ def paged_attention_reference(
     max_query_len, max_seq_len, sliding_window=None, plan: ReferencePlan | None = None,
 ) -> torch.Tensor:
     """Torch paged attention (layout in kernels.attention). Decode sequences run batched (a few
-    length groups), the others one by one. ``plan``: this step's :func:`plan_reference` (built here
+    chunks of similar lengths), the others one by one. ``plan``: this step's :func:`plan_reference` (built here
     if None)."""
     _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sliding_window)
     if plan is None:
-        plan = plan_reference(block_tables, seq_lens, query_start_loc, k_cache.shape[1], sliding_window, query.dtype)
+        plan = plan_reference(block_tables, seq_lens, query_start_loc, k_cache.shape[1], sliding_window, query.dtype,
+                              k_cache[0].nbytes)
     if len(plan.decode) == 1 and plan.decode[0].rows is None and query.shape[0] == plan.num_tokens:  # no scatter
         return _attend_decode(query, k_cache, v_cache, plan.decode[0], scale)
     out = torch.zeros_like(query)  # [T, Hq, D]
-    for group in plan.decode:
-        out[group.rows] = _attend_decode(query.index_select(0, group.rows), k_cache, v_cache, group, scale)
+    for chunk in plan.decode:
+        out[chunk.rows] = _attend_decode(query.index_select(0, chunk.rows), k_cache, v_cache, chunk, scale)
     for span in plan.sequences:
         out[span.start : span.end] = _attend_sequence(query[span.start : span.end], k_cache, v_cache, span, scale)
     return out
@@ -233,11 +249,12 @@ class StepPlans:
             self._write = plan_write(slot_mapping)
         return self._write
 
-    def attention(self, block_tables, seq_lens, query_start_loc, block_size, sliding_window, dtype) -> ReferencePlan:
-        key = (block_size, sliding_window, dtype)  # models may mix windowed and full layers
+    def attention(self, block_tables, seq_lens, query_start_loc, block_size, sliding_window, dtype,
+                  block_bytes: int = 0) -> ReferencePlan:
+        key = (block_size, sliding_window, dtype, block_bytes)  # models may mix windowed and full layers
         plan = self._attention.get(key)
         if plan is None:
             plan = self._attention[key] = plan_reference(
-                block_tables, seq_lens, query_start_loc, block_size, sliding_window, dtype
+                block_tables, seq_lens, query_start_loc, block_size, sliding_window, dtype, block_bytes
             )
         return plan

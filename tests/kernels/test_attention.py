@@ -105,15 +105,37 @@ def test_reference_matches_naive(layout, group, block_size):
     check(attn.paged_attention_reference(**batch), batch, dense, torch.float32)
 
 
-def test_reference_decode_lengths_far_apart():
-    """Decode sequences of very different lengths run in several length groups: same answer."""
+def test_decode_chunks_bound_the_gathered_copy():
+    """Sorted by length, every sequence in exactly one chunk, each chunk's copy within the budget
+    (or MIN_DECODE_CHUNK sequences); a batch that fits keeps its order in one chunk."""
+    lens = [700, 3, 650, 20, 1, 340, 333, 5, 900, 64]
+    block_bytes = 16 * 8 * 128 * 4  # block_size 16, 8 kv heads, head_dim 128, float32
+    budget_blocks = ref.DECODE_GATHER_BYTES * torch.get_num_threads() // block_bytes  # per thread
+    chunks = ref.decode_chunks(list(range(len(lens))), lens, 16, block_bytes)
+    assert sorted(s for chunk in chunks for s in chunk) == list(range(len(lens)))
+    assert [lens[s] for chunk in chunks for s in chunk] == sorted(lens)
+    assert len(chunks) > 1
+    for chunk in chunks:
+        gathered_blocks = len(chunk) * -(-max(lens[s] for s in chunk) // 16)
+        assert gathered_blocks <= budget_blocks or len(chunk) <= ref.MIN_DECODE_CHUNK
+    assert ref.decode_chunks([7, 1, 4], lens, 16, block_bytes) == [[7, 1, 4]]  # fits: as it came
+    assert ref.decode_chunks([0, 8], lens, 16, 10**12) == [[0, 8]]  # at most MIN_DECODE_CHUNK: one chunk
+    assert ref.decode_chunks([], lens, 16, block_bytes) == []
+
+
+def test_reference_decode_lengths_far_apart(monkeypatch):
+    """Decode sequences of very different lengths run in several chunks (a small budget forces
+    chunks of MIN_DECODE_CHUNK): the same answer as one chunk and as the naive attention."""
     specs = [(1, n) for n in (700, 3, 650, 20, 1, 340, 333, 5)]
-    lens = [n for _, n in specs]
-    groups = ref._length_groups(list(range(len(specs))), lens, ref.DECODE_SPLIT_DEPTH)
-    assert 1 < len(groups) <= 2**ref.DECODE_SPLIT_DEPTH
-    assert sorted(s for group in groups for s in group) == list(range(len(specs)))
     batch, dense = make_batch(specs + [(5, 9)], 4, 2, 32, 16, torch.float32)
-    check(attn.paged_attention_reference(**batch), batch, dense, torch.float32)
+    one_chunk = attn.paged_attention_reference(**batch)
+    monkeypatch.setattr(ref, "DECODE_GATHER_BYTES", 1)
+    chunks = ref.plan_reference(batch["block_tables"], batch["seq_lens"], batch["query_start_loc"], 16,
+                                block_bytes=batch["k_cache"][0].nbytes).decode
+    assert len(chunks) == len(specs) // ref.MIN_DECODE_CHUNK
+    chunked = attn.paged_attention_reference(**batch)
+    check(chunked, batch, dense, torch.float32)
+    torch.testing.assert_close(chunked, one_chunk)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
