@@ -74,38 +74,36 @@ def completion_output(seq: Sequence, group: SequenceGroup, finished: bool) -> Co
                             seq.finish_reason, seq.stop_reason)
 
 
+def _mark_sent(seq: Sequence) -> int:
+    """Marks every generated token of `seq` as sent; returns how many were sent before."""
+    sent = seq.num_sent_tokens
+    seq.num_sent_tokens = len(seq.token_ids) - seq.num_prompt_tokens
+    return sent
+
+
 def delta_output(seq: Sequence, group: SequenceGroup, finished: bool) -> CompletionOutput | None:
     """What is new in `seq` since its previous delta; None when nothing is."""
-    token_ids = seq.token_ids
-    num_prompt = seq.num_prompt_tokens
-    start = num_prompt + seq.num_sent_tokens
     done = seq.finish_reason is not None
-    if start == len(token_ids) and (not done or seq.finish_sent):
+    if seq.num_prompt_tokens + seq.num_sent_tokens == len(seq.token_ids) and (not done or seq.finish_sent):
         return None
-    seq.num_sent_tokens = len(token_ids) - num_prompt
+    sent = _mark_sent(seq)
     seq.finish_sent = done
-    logprobs = seq.logprobs[start - num_prompt :] if group.params.logprobs is not None else None
+    logprobs = seq.logprobs[sent:] if group.params.logprobs is not None else None
     # index, text, token_ids, cumulative_logprob, logprobs, finish_reason, stop_reason
-    return CompletionOutput(seq.index, _text(seq, group, finished or done), token_ids[start:], seq.cumulative_logprob,
-                            logprobs, seq.finish_reason, seq.stop_reason)
+    return CompletionOutput(seq.index, _text(seq, group, finished or done), seq.token_ids[seq.num_prompt_tokens + sent:],
+                            seq.cumulative_logprob, logprobs, seq.finish_reason, seq.stop_reason)
 
 
 def take_token_delta(group: SequenceGroup) -> list[int] | None:
     """The new token ids of a request whose delta output would carry nothing else (see
     `TokenDeltas`), marked as sent; None when it needs a full RequestOutput."""
-    p = group.params
-    if (group.output_kind != "delta" or p.detokenize or p.logprobs is not None or p.prompt_logprobs is not None
-            or p.num_return_sequences != 1 or group.beam_search is not None or group.error is not None
-            or len(group.seqs) != 1 or group.finished_seqs):
+    if not group.token_ids_only or group.error is not None or len(group.seqs) != 1 or group.finished_seqs:
         return None
     seq = group.seqs[0]
     if (seq.finish_reason is not None or seq.num_sent_tokens == 0 or seq.detokenizer is not None
             or group.num_cached_tokens != group.num_cached_tokens_sent):
         return None  # ending, its first output, or a new cached-token count (preempted, admitted again)
-    token_ids = seq.token_ids
-    start = seq.num_prompt_tokens + seq.num_sent_tokens
-    seq.num_sent_tokens = len(token_ids) - seq.num_prompt_tokens
-    return token_ids[start:]
+    return seq.token_ids[seq.num_prompt_tokens + _mark_sent(seq):]
 
 
 def request_output(group: SequenceGroup, finished: bool) -> RequestOutput:

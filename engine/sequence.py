@@ -109,6 +109,10 @@ class SequenceGroup:
         self.num_cached_tokens_sent = 0  # the count its last full RequestOutput carried
         self.num_seats = max(params.num_beams, params.num_return_sequences)  # its share of max_num_seqs
         self.output_kind = params.output_kind
+        # Whether its delta outputs may travel as bare token ids (`TokenDeltas`) while nothing else changes.
+        self.token_ids_only = (params.output_kind == "delta" and not params.detokenize and params.logprobs is None
+                               and params.prompt_logprobs is None and params.num_return_sequences == 1
+                               and not params.use_beam_search)
         self.stop_token_ids = frozenset(eos_token_ids) | frozenset(params.stop_token_ids)  # end it after min tokens
         # One decode of the whole output at its end, for requests whose text nobody reads before then
         # (set by the step updater; None when an incremental detokenizer runs or text is off).

@@ -67,13 +67,27 @@ def test_compiled_greedy_matches_eager(arch: str, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["inductor"], indirect=True)
-def test_inductor_greedy_matches_eager(backend: str) -> None:
+def test_inductor_greedy_matches_eager_and_writes_the_caches_in_place(backend: str) -> None:
+    """Token-identical to eager, and the attention op's caches are not copied: the op mutates
+    them, and were inductor to functionalize that into a copy of each cache (which its reinplacing
+    pass avoids), every compiled step would copy the whole KV cache, per layer, on the GPU too."""
     loaded, _ = tiny_pair("llama")
     prompts = random_prompts([6, 11, 4, 9], seed=4)  # 4 prompts finish together: bucket 4 only
     want = greedy(loaded, prompts, enforce_eager=True)
-    got = greedy(loaded, prompts, enforce_eager=False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        got = greedy(loaded, prompts, enforce_eager=False)
     assert got == want
     assert counters["stats"]["unique_graphs"] == 1
+    events = prof.events()
+    # The op's calls with real tensors (tracing calls it with fake ones, recorded without shapes).
+    cache_shapes = {tuple(e.input_shapes[3]) for e in events
+                    if e.name == "tokenmill::paged_attention_step" and e.input_shapes and e.input_shapes[3]}
+    assert len(cache_shapes) == 1  # the compiled steps ran through the op
+    cache_shape = list(cache_shapes.pop())  # k_cache [num_blocks, block_size, Hkv, D]
+    assert len(cache_shape) == 4 and cache_shape[0] == 64  # num_kv_blocks
+    copies = [e.name for e in events
+              if e.name in ("aten::copy_", "aten::clone", "aten::_to_copy") and cache_shape in e.input_shapes]
+    assert not copies
 
 
 def _decode_batch(num_seqs: int) -> ScheduledBatch:
