@@ -19,11 +19,14 @@ from tokenmill.kernels import attention_reference as ref
 HQ, HKV, D, BS = 9, 3, 64, 16
 
 
-def make_step(batch: int, context: int, layers: int, gen: torch.Generator):
+def make_step(batch: int, context: int, layers: int, gen: torch.Generator, shortest: int | None = None):
+    """One decode step's tables, lengths (drawn from [shortest, context]; default: the context's
+    last block), slots, per-layer caches and per-layer q, k, v."""
     blocks = -(-context // BS)
     num_blocks = batch * blocks + 4
     tables = torch.randperm(num_blocks, generator=gen)[: batch * blocks].view(batch, blocks).to(torch.int32)
-    lens = torch.randint(max(1, context - BS + 1), context + 1, (batch,), generator=gen, dtype=torch.int32)
+    low = max(1, context - BS + 1 if shortest is None else shortest)
+    lens = torch.randint(low, context + 1, (batch,), generator=gen, dtype=torch.int32)
     pos = lens.long() - 1
     slots = tables.long().gather(1, (pos // BS)[:, None]).view(-1) * BS + pos % BS  # [batch]
     caches = [(torch.randn(num_blocks, BS, HKV, D, generator=gen), torch.randn(num_blocks, BS, HKV, D, generator=gen))

@@ -21,25 +21,11 @@ import time
 
 import torch
 
+from cpu_attention_plan import BS, D, make_step  # this folder is on sys.path when run as a script
 from tokenmill.engine.host_memory import keep_freed_memory
 from tokenmill.kernels import attention_reference as ref
 
-HQ, HKV, D, BS = 9, 3, 64, 16
 CHUNK_BUDGET = ref.DECODE_GATHER_BYTES
-
-
-def make_step(batch: int, context: int, layers: int, gen: torch.Generator):
-    blocks = -(-context // BS)
-    num_blocks = batch * blocks + 4
-    tables = torch.randperm(num_blocks, generator=gen)[: batch * blocks].view(batch, blocks).to(torch.int32)
-    lens = torch.randint(max(1, context // 2), context + 1, (batch,), generator=gen, dtype=torch.int32)
-    pos = lens.long() - 1
-    slots = tables.long().gather(1, (pos // BS)[:, None]).view(-1) * BS + pos % BS  # [batch]
-    caches = [(torch.randn(num_blocks, BS, HKV, D, generator=gen), torch.randn(num_blocks, BS, HKV, D, generator=gen))
-              for _ in range(layers)]
-    qkv = [(torch.randn(batch, HQ, D, generator=gen), torch.randn(batch, HKV, D, generator=gen),
-            torch.randn(batch, HKV, D, generator=gen)) for _ in range(layers)]
-    return tables, lens, torch.arange(batch + 1, dtype=torch.int32), slots, caches, qkv
 
 
 def run_step(step, budget: int) -> list[torch.Tensor]:
@@ -114,7 +100,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for batch in args.batches:
         for context in args.contexts:
-            step = make_step(batch, context, args.layers, gen)
+            step = make_step(batch, context, args.layers, gen, shortest=context // 2)
             for a, b in zip(run_step(step, one_copy), run_step(step, CHUNK_BUDGET)):
                 torch.testing.assert_close(a, b)
             chunks = len(ref.StepPlans().attention(step[0], step[1], step[2], BS, None, torch.float32,
