@@ -10,7 +10,7 @@ is reused, so small matrices sit in cache: the whole-model decode step is the de
 `--whole-model`: instead, every linear layer of the model at once (30 layers x 7 and the output
 head, each its own weight, so they stream from memory as in a decode step) for float32, fbgemm
 int8 and fbgemm fp16 (and float32 as the engine runs a few rows: `W @ x.T` split over the
-threads), beside the machine's memory read bandwidth: the floor these kernels put under
+threads; and MKL's packed sgemm, packed for each batch size), beside the machine's memory read bandwidth: the floor these kernels put under
 one decode step, and so the ceiling on single-stream tokens per second before attention, norms and
 the rest of the step.
 """
@@ -70,6 +70,10 @@ def whole_model(batches: list[int]) -> None:
     print("|---|---|---|---|")
     for m in batches:
         inputs = {k: torch.randn(m, k) for k in {k for _, k in MODEL_SHAPES}}
+        if torch.backends.mkl.is_available():  # MKL's packed sgemm (what inductor's freezing uses), packed for m rows
+            kernels["float32 MKL packed"] = (
+                [(torch.ops.mkl._mkl_reorder_linear_weight(w, m), w) for w in weights],
+                lambda x, p: torch.ops.mkl._mkl_linear(x, p[0], p[1], None, x.shape[0]))
         for name, (packed, call) in kernels.items():
             def step():
                 for (_, k), weight in zip(MODEL_SHAPES, packed):

@@ -1,11 +1,11 @@
-"""Linear layers for the few rows of a small decode step on the CPU, on all of torch's threads.
+"""Linear layers for the rows of a decode step on the CPU, on all of torch's threads.
 
-A decode step of a few sequences multiplies a handful of rows by every weight matrix. With MKL
-(torch's CPU BLAS on x86), `F.linear` on 1..8 rows is the slow shape: a one-row product runs on
-one thread, and 2..8 rows run the `x @ W.T` GEMM at about half the speed of the same product
-taken as `W @ x.T` (BENCHMARKS.md, "Small decode batches: linear layers as `W @ x.T` over the
-threads"). Here the same product is `W @ x.T` with W's output rows split into one chunk per
-thread, as one `bmm`, which MKL runs a chunk per thread. No new kernel: the same float32
+A decode step multiplies one row per sequence by every weight matrix. With MKL (torch's CPU BLAS
+on x86), `F.linear` on few rows is a slow shape: a one-row product runs on one thread, 2..8 rows
+run the `x @ W.T` GEMM at about half the speed of the same product taken as `W @ x.T`, and up to
+~64 rows a second thread adds little to it (BENCHMARKS.md, "Small decode batches: linear layers as
+`W @ x.T` over the threads"). Here the same product is `W @ x.T` with W's output rows split into
+one chunk per thread, as one `bmm`, which MKL runs a chunk per thread. No new kernel: the same float32
 multiply-adds, summed over the input dimension in MKL's GEMM order instead of its GEMV order
 (differences of a few float32 ulps; so a single stream's float32 results differ between 1 thread,
 which keeps `F.linear` for one row, and 2+).
@@ -14,7 +14,8 @@ An engine switches the model it runs, also a model passed in (`LLM(loaded=...)`)
 `restore_linear(model)` switches it back, as HF baselines and tensor-parallel engines do.
 
 `use_small_rows_linear(model, num_threads)` switches a model's plain float32 `nn.Linear` layers
-(not the quantized ones) in place; larger row counts, other dtypes and devices keep `F.linear`. A
+(not the quantized ones) in place; larger row counts (prefill), other dtypes and devices keep
+`F.linear`. A
 compiled forward calls the same choice through one custom op per layer (`tokenmill::cpu_linear`),
 made when the graph runs.
 """
@@ -27,8 +28,11 @@ from torch import nn
 
 from tokenmill.engine.library_ops import define_op
 
-# Rows up to which `W @ x.T` beats `F.linear` (measured on MKL, 1 and 2 threads; BENCHMARKS.md).
+# Rows up to which `W @ x.T` beats `F.linear` (measured on MKL; BENCHMARKS.md): on one thread, a
+# few rows; split over 2+ threads, also the 9-64 rows of a batched decode step, where MKL's
+# `x @ W.T` gains little from the second thread (1.1-1.3x at 8-48 rows, even at 128, behind from 256).
 MAX_SMALL_ROWS = 8
+MAX_SPLIT_ROWS = 64
 
 
 def small_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -51,7 +55,9 @@ def small_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def use_small_rows(rows: int, num_threads: int) -> bool:
     """Whether `rows` rows take the `W @ x.T` path with this many threads."""
-    return 2 <= rows <= MAX_SMALL_ROWS or (rows == 1 and num_threads >= 2)
+    if num_threads >= 2:
+        return 1 <= rows <= MAX_SPLIT_ROWS
+    return 2 <= rows <= MAX_SMALL_ROWS  # one row on one thread: MKL's GEMV is as fast
 
 
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_threads: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from tokenmill.engine.quantization import Int8DynamicLinear, quantize_model
 needs_mkl = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="the switch applies only with MKL")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 33, 64])
 @pytest.mark.parametrize("chunks", [1, 2, 3])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_small_rows_linear_equals_f_linear(rows: int, chunks: int, with_bias: bool) -> None:
@@ -37,8 +37,11 @@ def test_small_rows_linear_equals_f_linear(rows: int, chunks: int, with_bias: bo
 def test_row_policy() -> None:
     assert not use_small_rows(1, 1)  # one thread: MKL's GEMV is as fast
     assert use_small_rows(1, 2)
-    assert use_small_rows(2, 1) and use_small_rows(cpu_linear.MAX_SMALL_ROWS, 2)
-    assert not use_small_rows(cpu_linear.MAX_SMALL_ROWS + 1, 2)
+    assert use_small_rows(2, 1) and use_small_rows(cpu_linear.MAX_SMALL_ROWS, 1)
+    assert not use_small_rows(cpu_linear.MAX_SMALL_ROWS + 1, 1)  # one thread: only a few rows
+    assert use_small_rows(cpu_linear.MAX_SMALL_ROWS + 1, 2) and use_small_rows(cpu_linear.MAX_SPLIT_ROWS, 4)
+    assert not use_small_rows(cpu_linear.MAX_SPLIT_ROWS + 1, 2)  # prefill-sized: F.linear
+    assert not use_small_rows(0, 2)
     assert chunks_for(576, 2) == 2 and chunks_for(577, 2) == 1 and chunks_for(576, 1) == 1
 
 
@@ -56,8 +59,10 @@ def test_switch_routes_small_rows_and_restores(monkeypatch) -> None:
     monkeypatch.setattr(cpu_linear, "small_rows_linear", lambda *a: calls.append(a[0].shape) or real(*a))
     torch.testing.assert_close(model[:3](x), expected, rtol=1e-5, atol=1e-6)
     assert calls == [(2, 16), (2, 8)]
-    model[:3](torch.randn(cpu_linear.MAX_SMALL_ROWS + 1, 16))  # many rows: F.linear
-    assert len(calls) == 2
+    model[:3](torch.randn(cpu_linear.MAX_SPLIT_ROWS, 16))  # a batched decode step: split too
+    assert len(calls) == 4
+    model[:3](torch.randn(cpu_linear.MAX_SPLIT_ROWS + 1, 16))  # many rows: F.linear
+    assert len(calls) == 4
     assert restore_linear(model) == 2 and type(model[0]) is nn.Linear and "num_threads" not in vars(model[0])
 
 
