@@ -9,9 +9,9 @@ is reused, so small matrices sit in cache: the whole-model decode step is the de
 
 `--whole-model`: instead, every linear layer of the model at once (30 layers x 7 and the output
 head, each its own weight, so they stream from memory as in a decode step) for float32, fbgemm
-int8 and fbgemm fp16 (and float32 as the engine runs a few rows: `W @ x.T` split over the
-threads; and MKL's packed sgemm, packed for each batch size), beside the machine's memory read bandwidth: the floor these kernels put under
-one decode step, and so the ceiling on single-stream tokens per second before attention, norms and
+int8 and fbgemm fp16 (and float32 as the engine runs a decode step's rows: `W @ x.T` split over
+the threads; and MKL's packed sgemm, packed for each batch size), beside the machine's memory read
+bandwidth: the floor these kernels put under one decode step, and so the ceiling on single-stream tokens per second before attention, norms and
 the rest of the step.
 """
 

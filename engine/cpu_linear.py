@@ -15,9 +15,8 @@ An engine switches the model it runs, also a model passed in (`LLM(loaded=...)`)
 
 `use_small_rows_linear(model, num_threads)` switches a model's plain float32 `nn.Linear` layers
 (not the quantized ones) in place; larger row counts (prefill), other dtypes and devices keep
-`F.linear`. A
-compiled forward calls the same choice through one custom op per layer (`tokenmill::cpu_linear`),
-made when the graph runs.
+`F.linear`. A compiled forward calls the same choice through one custom op per layer
+(`tokenmill::cpu_linear`), made when the graph runs.
 """
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ from tokenmill.engine.library_ops import define_op
 
 # Rows up to which `W @ x.T` beats `F.linear` (measured on MKL; BENCHMARKS.md): on one thread, a
 # few rows; split over 2+ threads, also the 9-64 rows of a batched decode step, where MKL's
-# `x @ W.T` gains little from the second thread (1.1-1.3x at 8-48 rows, even at 128, behind from 256).
+# `x @ W.T` gains little from the second thread (all linear layers of a step at 2 threads: the
+# split 1.15-1.49x at 8-64 rows, 1.07x at 128, even at 256).
 MAX_SMALL_ROWS = 8
 MAX_SPLIT_ROWS = 64
 
